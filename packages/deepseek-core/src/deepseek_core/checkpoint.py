@@ -28,7 +28,9 @@ from .safetensors_io import read_weight_index
 log = logging.getLogger(__name__)
 
 _EXPERT_STACK = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
-_EXPERT_FILE = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<idx>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT_FILE = re.compile(
+    r"^(?P<prefix>.*\.mlp\.experts)\.(?P<idx>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$"
+)
 # Router weights stay float32 whatever the model dtype, as in the reference implementations.
 _FLOAT32_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
 # Files a checkpoint save owns; anything else already in the target directory is carried over.
@@ -78,7 +80,9 @@ def load_model(
     config_path = directory / "config.json"
     if config is None:
         if not config_path.is_file():
-            raise CheckpointError(f"{config_path}: missing config.json (is {directory} a checkpoint directory?)")
+            raise CheckpointError(
+                f"{config_path}: missing config.json (is {directory} a checkpoint directory?)"
+            )
         config = ModelConfig.from_json_file(config_path)
     target_dtype = _resolve_dtype(dtype, config)
     target_device = torch.device(device) if device is not None else torch.device("cpu")

@@ -152,8 +152,18 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(f"{source}: field '{name}' {why}")
 
-        need(self.model_type in MODEL_TYPES, "model_type", f"must be one of {MODEL_TYPES}, got {self.model_type!r}")
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        need(
+            self.model_type in MODEL_TYPES,
+            "model_type",
+            f"must be one of {MODEL_TYPES}, got {self.model_type!r}",
+        )
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+        ):
             need(getattr(self, name) > 0, name, "must be positive")
         need(self.hidden_act == "silu", "hidden_act", f"only 'silu' is supported, got {self.hidden_act!r}")
         need(
@@ -170,10 +180,18 @@ class ModelConfig:
         if self.model_type != "llama":
             for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
                 need(getattr(self, name) is not None, name, f"is required for model_type {self.model_type!r}")
-        need(self.rope_dim % 2 == 0, "qk_rope_head_dim" if self.is_mla else "head_dim", "must be even for rotary")
+        need(
+            self.rope_dim % 2 == 0,
+            "qk_rope_head_dim" if self.is_mla else "head_dim",
+            "must be even for rotary",
+        )
         if self.rope_scaling is not None:
             rope_type = self.rope_type
-            need(rope_type in ROPE_TYPES, "rope_scaling", f"type must be one of {ROPE_TYPES}, got {rope_type!r}")
+            need(
+                rope_type in ROPE_TYPES,
+                "rope_scaling",
+                f"type must be one of {ROPE_TYPES}, got {rope_type!r}",
+            )
             if rope_type != "default":
                 need(
                     isinstance(self.rope_scaling.get("factor"), (int, float)),
@@ -236,7 +254,9 @@ class ModelConfig:
                 total += self.n_routed_experts * expert + (self.n_shared_experts or 0) * expert
                 total += self.n_routed_experts * h  # router (its correction bias is a buffer)
             else:
-                total += 3 * h * self.intermediate_size + (3 * self.intermediate_size + h if self.mlp_bias else 0)
+                total += 3 * h * self.intermediate_size + (
+                    3 * self.intermediate_size + h if self.mlp_bias else 0
+                )
         return total
 
     def _attention_params(self) -> int:
@@ -254,7 +274,9 @@ class ModelConfig:
             q_params += self.q_lora_rank * heads * qk
         else:
             q_params = h * heads * qk
-        kv_a = h * (self.kv_lora_rank + self.qk_rope_head_dim) + ((self.kv_lora_rank + self.qk_rope_head_dim) if bias else 0)
+        kv_a = h * (self.kv_lora_rank + self.qk_rope_head_dim) + (
+            (self.kv_lora_rank + self.qk_rope_head_dim) if bias else 0
+        )
         kv_b = self.kv_lora_rank * heads * (self.qk_nope_head_dim + self.v_head_dim)
         o = heads * self.v_head_dim * h + (h if bias else 0)
         return q_params + kv_a + self.kv_lora_rank + kv_b + o
@@ -271,7 +293,9 @@ class ModelConfig:
 
     def memory_bytes(self, dtype: str = "bfloat16", context_tokens: int = 0) -> int:
         """Estimated memory: weights in `dtype` plus the KV cache for `context_tokens` tokens."""
-        return self.param_count() * _dtype_bytes(dtype) + context_tokens * self.kv_cache_bytes_per_token(dtype)
+        return self.param_count() * _dtype_bytes(dtype) + context_tokens * self.kv_cache_bytes_per_token(
+            dtype
+        )
 
     def memory_table(self) -> dict[str, int]:
         """Weight bytes for each supported dtype."""
@@ -421,7 +445,9 @@ def _normalize_rope(data: dict[str, Any], source: str) -> None:
     params = data.pop("rope_parameters", None)
     if params is not None:
         if not isinstance(params, dict):
-            raise ConfigError(f"{source}: field 'rope_parameters' must be an object, got {type(params).__name__}")
+            raise ConfigError(
+                f"{source}: field 'rope_parameters' must be an object, got {type(params).__name__}"
+            )
         params = dict(params)
         if "rope_theta" in params:
             data["rope_theta"] = params.pop("rope_theta")
@@ -431,7 +457,9 @@ def _normalize_rope(data: dict[str, Any], source: str) -> None:
     scaling = data.get("rope_scaling")
     if scaling is not None:
         if not isinstance(scaling, dict):
-            raise ConfigError(f"{source}: field 'rope_scaling' must be an object, got {type(scaling).__name__}")
+            raise ConfigError(
+                f"{source}: field 'rope_scaling' must be an object, got {type(scaling).__name__}"
+            )
         scaling = dict(scaling)
         if "type" in scaling and "rope_type" not in scaling:
             scaling["rope_type"] = scaling.pop("type")

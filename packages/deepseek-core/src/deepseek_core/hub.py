@@ -43,7 +43,9 @@ def resolve_model_dir(path_or_id: str, allow_patterns: list[str] | None = None) 
     try:
         from huggingface_hub import snapshot_download
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
-        raise ModelNotFoundError(f"model {path_or_id!r}: not local and huggingface_hub is not installed") from None
+        raise ModelNotFoundError(
+            f"model {path_or_id!r}: not local and huggingface_hub is not installed"
+        ) from None
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
     except Exception:

@@ -7,7 +7,12 @@ from typing import Any
 from .config import ModelConfig
 from .errors import ConfigError
 
-_LLAMA_COMMON: dict[str, Any] = {"model_type": "llama", "rms_norm_eps": 1e-6, "bos_token_id": 0, "eos_token_id": 1}
+_LLAMA_COMMON: dict[str, Any] = {
+    "model_type": "llama",
+    "rms_norm_eps": 1e-6,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # A few million parameters: tests and the offline quickstart.

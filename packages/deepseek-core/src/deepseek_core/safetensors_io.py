@@ -68,7 +68,9 @@ class SafetensorsFile:
                 raise self._fail(f"truncated or corrupt safetensors file ({size} bytes, no header)")
             (header_len,) = struct.unpack("<Q", head)
             if header_len > min(_MAX_HEADER, size - 8):
-                raise self._fail(f"corrupt safetensors header (declares {header_len} header bytes, file has {size})")
+                raise self._fail(
+                    f"corrupt safetensors header (declares {header_len} header bytes, file has {size})"
+                )
             raw = handle.read(header_len)
         try:
             header = json.loads(raw)
@@ -92,7 +94,9 @@ class SafetensorsFile:
                 numel *= d
             nbytes = numel * torch.empty((), dtype=dtype).element_size()
             if end - begin != nbytes or begin < 0:
-                raise self._fail(f"tensor '{name}': header says {end - begin} bytes, shape {shape} needs {nbytes}")
+                raise self._fail(
+                    f"tensor '{name}': header says {end - begin} bytes, shape {shape} needs {nbytes}"
+                )
             if base + end > size:
                 raise self._fail(
                     f"tensor '{name}': truncated file (tensor ends at byte {base + end}, file has {size} bytes)"

@@ -75,7 +75,9 @@ class Tokenizer:
         self._tok.save(str(directory / "tokenizer.json"))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.config}
         config.setdefault("chat_template", self.chat_template)
-        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        (directory / "tokenizer_config.json").write_text(
+            json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+        )
 
     # ------------------------------------------------------------------ ids
     @property
@@ -120,7 +122,9 @@ class Tokenizer:
         """encode() for many texts, in parallel inside the tokenizers library."""
         if self.add_bos_token or self.add_eos_token:
             return [self.encode(t, add_special_tokens) for t in texts]
-        return [list(e.ids) for e in self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+        return [
+            list(e.ids) for e in self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        ]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of token ids."""

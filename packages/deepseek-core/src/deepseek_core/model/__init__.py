@@ -3,7 +3,7 @@
 from .attention import Attention, KVCacheView
 from .mla import MLAttention
 from .mlp import MLP
-from .moe import MoE, Router, RoutedExperts
+from .moe import MoE, RoutedExperts, Router
 from .norm import RMSNorm
 from .rope import RotaryEmbedding, RotaryTables
 from .transformer import DecoderLayer, Transformer

@@ -22,7 +22,9 @@ class MLAttention(nn.Module):
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        assert config.kv_lora_rank and config.qk_rope_head_dim and config.qk_nope_head_dim and config.v_head_dim
+        assert (
+            config.kv_lora_rank and config.qk_rope_head_dim and config.qk_nope_head_dim and config.v_head_dim
+        )
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.q_lora_rank = config.q_lora_rank
@@ -64,7 +66,9 @@ class MLAttention(nn.Module):
     def expand_kv(self, kv_latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent [b, s, r] and rotated k_pe [b, 1, s, rope] -> keys [b, h, s, qk] and values [b, h, s, v]."""
         batch, seq, _ = kv_latent.shape
-        kv = self.kv_b_proj(kv_latent).view(batch, seq, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
+        kv = self.kv_b_proj(kv_latent).view(
+            batch, seq, self.num_heads, self.qk_nope_head_dim + self.v_head_dim
+        )
         k_nope, value = torch.split(kv.transpose(1, 2), [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         key = torch.cat((k_nope, k_pe.expand(-1, self.num_heads, -1, -1)), dim=-1)
         return key, value

@@ -33,6 +33,7 @@ class Router(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.routed_scaling_factor = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
+        self.e_score_correction_bias: torch.Tensor
         if self.scoring == "sigmoid":
             self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts))
 
@@ -83,7 +84,9 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
-    def forward(self, hidden_states: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor
+    ) -> torch.Tensor:
         """hidden_states [T, H], weights/expert_ids [T, k] -> [T, H]."""
         top_k = expert_ids.shape[-1]
         flat_ids = expert_ids.reshape(-1)
@@ -122,7 +125,9 @@ class MoE(nn.Module):
         super().__init__()
         assert config.n_routed_experts and config.moe_intermediate_size
         self.gate = Router(config)
-        self.experts = RoutedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        self.experts = RoutedExperts(
+            config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        )
         self.shared_experts = (
             MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
             if config.n_shared_experts

@@ -19,7 +19,9 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.self_attn: nn.Module = MLAttention(config, layer_idx) if config.is_mla else Attention(config, layer_idx)
+        self.self_attn: nn.Module = (
+            MLAttention(config, layer_idx) if config.is_mla else Attention(config, layer_idx)
+        )
         self.mlp: nn.Module = (
             MoE(config)
             if config.is_moe_layer(layer_idx)
@@ -80,12 +82,17 @@ class Transformer(nn.Module):
                 if module.weight.device.type == "meta":
                     continue
                 module.weight.normal_(0.0, std)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
+                bias = getattr(module, "bias", None)
+                if bias is not None:
+                    bias.zero_()
             elif isinstance(module, RMSNorm) and module.weight.device.type != "meta":
                 module.weight.fill_(1.0)
         for name, param in self.named_parameters():
-            if param.device.type != "meta" and (name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj") or name.endswith("gate.weight")):
+            if param.device.type != "meta" and (
+                name.endswith("experts.gate_up_proj")
+                or name.endswith("experts.down_proj")
+                or name.endswith("gate.weight")
+            ):
                 param.normal_(0.0, std)
         for name, buf in self.named_buffers():
             if name.endswith("e_score_correction_bias") and buf.device.type != "meta":
@@ -102,7 +109,9 @@ class Transformer(nn.Module):
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
         if positions is None:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(
+                input_ids.shape[0], -1
+            )
         return self.model(input_ids, positions, cache)
 
     def forward(
