@@ -15,7 +15,8 @@ from .hf_tiny import TINY_CONFIGS, hf_config
 def test_old_and_new_rope_spellings_agree():
     base = dict(TINY_CONFIGS["deepseek_v3"])
     scaling = base.pop("rope_scaling")
-    old = ModelConfig.from_dict({**base, "rope_theta": 5000.0, "rope_scaling": {**scaling, "type": "yarn"}})
+    legacy = {("type" if k == "rope_type" else k): v for k, v in scaling.items()}
+    old = ModelConfig.from_dict({**base, "rope_theta": 5000.0, "rope_scaling": legacy})
     new = ModelConfig.from_dict({**base, "rope_parameters": {"rope_theta": 5000.0, **scaling}})
     assert old.rope_theta == new.rope_theta == 5000.0
     assert old.rope_type == new.rope_type == "yarn"

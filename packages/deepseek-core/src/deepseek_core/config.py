@@ -461,8 +461,9 @@ def _normalize_rope(data: dict[str, Any], source: str) -> None:
                 f"{source}: field 'rope_scaling' must be an object, got {type(scaling).__name__}"
             )
         scaling = dict(scaling)
-        if "type" in scaling and "rope_type" not in scaling:
-            scaling["rope_type"] = scaling.pop("type")
+        if "type" in scaling:  # the oldest spelling of rope_type
+            legacy = scaling.pop("type")
+            scaling.setdefault("rope_type", legacy)
         data["rope_scaling"] = None if scaling.get("rope_type", "default") == "default" else scaling
 
 
