@@ -35,7 +35,8 @@ def _pytest(session: nox.Session, *paths: str) -> None:
 def _package_session(name: str, path: str) -> None:
     @nox.session(name=name, python=None)
     def run(session: nox.Session) -> None:
-        specs = [f"./{path}[test]"] if path == CORE else [f"./{CORE}", f"./{path}[test]"]
+        # Core from this checkout, in the same resolve, so pip never looks for it on PyPI.
+        specs = [f"./{path}[test]"] if path == CORE else [f"./{CORE}[serve]", f"./{path}[test]"]
         _install(session, *specs)
         _pytest(session, f"tests/{name}")
 
@@ -53,11 +54,18 @@ def integration(session: nox.Session) -> None:
     _pytest(session, "tests/integration")
 
 
-@nox.session
+@nox.session(python=False)
 def tests(session: nox.Session) -> None:
-    """Run every package's session, then the cross-package journeys."""
-    for name in (*PACKAGES, "integration"):
+    """Install the system packages the tests need, then run every package's session and the journeys."""
+    session.run("bash", "tools/setup-system.sh", external=True)
+    for name in (*PACKAGES, *(["integration"] if _has_tests("tests/integration") else [])):
         session.notify(name)
+
+
+def _has_tests(folder: str) -> bool:
+    from pathlib import Path
+
+    return any(Path(folder).glob("test_*.py"))
 
 
 @nox.session
