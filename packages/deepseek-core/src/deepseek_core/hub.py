@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from .errors import ModelNotFoundError
+from .storage import fetch_checkpoint, is_remote
 
 # Short names users type, mapped to real DeepSeek repositories on the hub.
 MODEL_ALIASES: dict[str, str] = {
@@ -26,9 +27,12 @@ _CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model"]
 def resolve_model_dir(path_or_id: str, allow_patterns: list[str] | None = None) -> Path:
     """Return a local directory for `path_or_id`, downloading from the hub only when it is not local.
 
+    An ``s3://`` or ``gs://`` URL is fetched into the local cache and verified (deepseek_core.storage).
     Order: an existing local directory; an alias or hub id already in the Hugging Face cache; a download
     through huggingface_hub (skipped when HF_HUB_OFFLINE=1). The error lists everything that was tried.
     """
+    if is_remote(path_or_id):
+        return fetch_checkpoint(path_or_id, patterns=allow_patterns or _CHECKPOINT_PATTERNS)
     local = Path(path_or_id).expanduser()
     if local.is_dir():
         return local
