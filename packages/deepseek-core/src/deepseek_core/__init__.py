@@ -6,6 +6,7 @@ The inference engine lives in deepseek_core.engine, the OpenAI-compatible server
 from .checkpoint import load_model, save_model
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, DeepSeekError, ModelNotFoundError
+from .facade import Model
 from .model import Transformer
 from .presets import preset_names
 from .tokenizer import Tokenizer
@@ -16,6 +17,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DeepSeekError",
+    "Model",
     "ModelConfig",
     "ModelNotFoundError",
     "Tokenizer",
