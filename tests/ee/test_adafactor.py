@@ -25,7 +25,7 @@ def _set_grads(params: list[torch.nn.Parameter], step: int) -> None:
     """Deterministic gradients: a pull towards zero plus step-seeded noise, the same for both optimizers."""
     gen = torch.Generator().manual_seed(1000 + step)
     for p in params:
-        noise = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        noise = torch.randn(p.shape, generator=gen).to(p)  # drawn on the CPU: same values on every device
         p.grad = 0.5 * p.detach() + noise
 
 
@@ -195,3 +195,19 @@ def test_param_group_options_are_validated():
     bad = torch.nn.Parameter(torch.ones(2))
     with pytest.raises(ValueError, match="beta1"):
         AdaFactor([{"params": [good]}, {"params": [bad], "beta1": 2.0}])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_transformers_on_cuda(dtype):
+    def params():
+        return [torch.nn.Parameter(p.detach().to("cuda", dtype)) for p in _make_params()]
+
+    ours_params, ref_params = params(), params()
+    ours = _run(AdaFactor, ours_params, STEPS, beta1=0.9)
+    ref = _run(ReferenceAdafactor, ref_params, STEPS, beta1=0.9)
+    atol = ATOL if dtype == torch.float32 else 1e-2  # bf16 parameters round to ~3 significant digits
+    for a, b in zip(ours[-1], ref[-1]):
+        assert a.device.type == "cuda" and a.dtype == dtype
+        torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=0)
