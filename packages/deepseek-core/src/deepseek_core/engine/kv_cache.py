@@ -1,0 +1,143 @@
+"""The paged KV cache: a preallocated pool of fixed-size blocks, handed out to sequences by a block allocator.
+
+Each layer owns one contiguous tensor of `num_blocks * block_size` token slots; a sequence's block table
+lists which blocks hold its tokens, so token `p` of a sequence lives in slot
+`block_table[p // block_size] * block_size + p % block_size`.
+
+Dense (GQA) models cache keys and values, [slots, kv_heads, head_dim] each. MLA models cache the compressed
+latent and the rotated shared rope key side by side, [slots, kv_lora_rank + qk_rope_head_dim]: the per-head
+keys and values are never stored.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+
+
+class NoFreeBlocksError(RuntimeError):
+    """The pool has fewer free blocks than were asked for."""
+
+
+class BlockAllocator:
+    """Hands out block ids from a free list (lowest ids first, so a lone sequence gets consecutive blocks)."""
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks: must be >= 1, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: pop() gives the lowest id
+        self._is_free = [True] * num_blocks
+
+    @property
+    def num_free(self) -> int:
+        """Blocks available now."""
+        return len(self._free)
+
+    def allocate(self, count: int) -> list[int]:
+        """`count` free block ids; raises NoFreeBlocksError (allocating nothing) when there are fewer."""
+        if count > len(self._free):
+            raise NoFreeBlocksError(f"asked for {count} blocks, {len(self._free)} free")
+        blocks = [self._free.pop() for _ in range(count)]
+        for b in blocks:
+            self._is_free[b] = False
+        return blocks
+
+    def free(self, blocks: list[int]) -> None:
+        """Return blocks to the pool (a block freed twice is a bug and raises)."""
+        for b in blocks:
+            if self._is_free[b]:
+                raise RuntimeError(f"block {b} freed twice")
+            self._is_free[b] = True
+        # Keep the stack sorted so later allocations stay as contiguous as possible.
+        self._free.extend(blocks)
+        self._free.sort(reverse=True)
+
+
+def cache_entry_shape(config: ModelConfig) -> tuple[int, ...]:
+    """Per-token, per-layer shape of one cached tensor (MLA: the latent+rope row; dense: one of K or V)."""
+    if config.is_mla:
+        assert config.kv_lora_rank is not None and config.qk_rope_head_dim is not None
+        return (config.kv_lora_rank + config.qk_rope_head_dim,)
+    return (config.kv_heads, config.attn_head_dim)
+
+
+def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    """KV-cache bytes one token takes across all layers."""
+    numel = 1
+    for d in cache_entry_shape(config):
+        numel *= d
+    tensors_per_layer = 1 if config.is_mla else 2
+    return numel * tensors_per_layer * config.num_hidden_layers * torch.empty((), dtype=dtype).element_size()
+
+
+def num_blocks_for_bytes(config: ModelConfig, num_bytes: int, block_size: int, dtype: torch.dtype) -> int:
+    """How many blocks of `block_size` tokens fit in `num_bytes`."""
+    return int(num_bytes) // (bytes_per_token(config, dtype) * block_size)
+
+
+class KVCache:
+    """The preallocated per-layer cache tensors plus the block allocator that manages their slots."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int = 16,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size: must be >= 1, got {block_size}")
+        if num_blocks < 1:
+            raise ValueError(f"num_kv_blocks: must be >= 1, got {num_blocks}")
+        self.config = config
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.is_mla = config.is_mla
+        self.allocator = BlockAllocator(num_blocks)
+        slots = num_blocks * block_size
+        shape = (slots, *cache_entry_shape(config))
+        layers = config.num_hidden_layers
+        # latent: MLA's [slots, kv_lora_rank + rope] per layer; key/value: dense [slots, kv_heads, head_dim].
+        self.latent: list[torch.Tensor] = []
+        self.key: list[torch.Tensor] = []
+        self.value: list[torch.Tensor] = []
+        if self.is_mla:
+            self.latent = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layers)]
+        else:
+            self.key = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layers)]
+            self.value = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layers)]
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Token slots in the pool."""
+        return self.num_blocks * self.block_size
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks not held by any sequence."""
+        return self.allocator.num_free
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks in use, 0..1."""
+        return 1.0 - self.allocator.num_free / self.num_blocks
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one token takes across all layers, computed from the allocated tensors."""
+        tensors = self.latent + self.key + self.value
+        return sum(t.element_size() * t[0].numel() for t in tensors)
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes held by the pool's tensors."""
+        return sum(t.element_size() * t.numel() for t in self.latent + self.key + self.value)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        """Blocks that hold `num_tokens` tokens."""
+        return -(-num_tokens // self.block_size)

@@ -1,0 +1,230 @@
+"""Model execution over the paged cache: one forward pass per step for every scheduled chunk.
+
+All chunks of a step are flattened into one row of tokens ([1, T]) so the linear layers see one big
+matrix; only attention needs to know where each sequence starts. `PagedAttention` is the KVCacheView that
+the model's attention layers call: it writes this step's keys/values (or MLA latents) into their cache
+slots and attends over each sequence's history:
+  - single-token chunks (decodes) together, in one batched SDPA over keys gathered by block table;
+  - each multi-token chunk (prefill) on its own: causal SDPA over its own keys when it starts at position
+    0, otherwise over its gathered history with an offset causal mask.
+MLA decodes use the weight-absorbed form: the query's no-position part is multiplied into latent space by
+kv_b_proj's key half, attention runs over the cached latents (one shared "head"), and the result goes
+through kv_b_proj's value half. MLA prefills expand keys/values from the latent, like the full forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..model.transformer import Transformer
+from .kv_cache import KVCache
+from .scheduler import ScheduledChunk
+
+
+@dataclass
+class _Prefill:
+    """A multi-token chunk: tokens [offset, offset + length) of the flat batch, at positions start.."""
+
+    offset: int
+    length: int
+    start: int
+    history_slots: torch.Tensor | None  # slots of positions [0, start + length) when start > 0
+    mask: torch.Tensor | None  # [length, start + length] causal mask with offset, when start > 0
+
+
+def _slots(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Cache slots of positions [start, end) of a sequence."""
+    return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
+class PagedAttention:
+    """KVCacheView over a KVCache for one step's flattened batch (built once, used by every layer)."""
+
+    def __init__(self, cache: KVCache, chunks: list[ScheduledChunk]) -> None:
+        self.cache = cache
+        device = cache.device
+        bs = cache.block_size
+        decodes = [c for c in chunks if c.length == 1]
+        self.num_decode = len(decodes)
+        new_slots: list[int] = []
+        for c in chunks:
+            new_slots.extend(_slots(c.seq.block_table, c.start, c.start + c.length, bs))
+        self.slot_mapping = torch.tensor(new_slots, dtype=torch.long, device=device)
+
+        # Decodes: key slots [num_decode, max_len] (padding masked out), or one contiguous range.
+        self.decode_range: tuple[int, int] | None = None
+        self.decode_slots: torch.Tensor | None = None
+        self.decode_mask: torch.Tensor | None = None
+        if decodes:
+            lengths = [c.start + 1 for c in decodes]
+            max_len = max(lengths)
+            table = decodes[0].seq.block_table
+            n_blocks = -(-max_len // bs)
+            if len(decodes) == 1 and table[:n_blocks] == list(range(table[0], table[0] + n_blocks)):
+                self.decode_range = (table[0] * bs, max_len)  # a view, no gather
+            else:
+                tables = [c.seq.block_table[:n_blocks] for c in decodes]
+                tables = [t + [0] * (n_blocks - len(t)) for t in tables]  # padding rows are masked out
+                blocks = torch.tensor(tables, dtype=torch.long, device=device)
+                slots = (blocks.unsqueeze(-1) * bs + torch.arange(bs, device=device)).view(len(decodes), -1)
+                self.decode_slots = slots[:, :max_len].reshape(-1)
+                if min(lengths) != max_len:
+                    lens = torch.tensor(lengths, device=device)
+                    valid = torch.arange(max_len, device=device).unsqueeze(0) < lens.unsqueeze(1)
+                    self.decode_mask = valid.view(len(decodes), 1, 1, max_len)
+            self.decode_max_len = max_len
+
+        self.prefills: list[_Prefill] = []
+        offset = self.num_decode
+        for c in chunks[self.num_decode :]:
+            history = mask = None
+            if c.start > 0:
+                end = c.start + c.length
+                history = torch.tensor(_slots(c.seq.block_table, 0, end, bs), dtype=torch.long, device=device)
+                query_pos = torch.arange(c.start, end, device=device).unsqueeze(1)
+                mask = torch.arange(end, device=device).unsqueeze(0) <= query_pos
+            self.prefills.append(_Prefill(offset, c.length, c.start, history, mask))
+            offset += c.length
+
+    # ------------------------------------------------------------------ helpers
+    def _gather_decode(self, cache_tensor: torch.Tensor) -> torch.Tensor:
+        """Cached rows of every decode sequence: [num_decode, max_len, *entry]."""
+        if self.decode_range is not None:
+            first, length = self.decode_range
+            return cache_tensor[first : first + length].unsqueeze(0)
+        assert self.decode_slots is not None
+        rows = cache_tensor.index_select(0, self.decode_slots)
+        return rows.view(self.num_decode, self.decode_max_len, *cache_tensor.shape[1:])
+
+    @staticmethod
+    def _join(parts: list[torch.Tensor]) -> torch.Tensor:
+        """[heads, n_i, d] parts in flat-batch order -> [1, heads, T, d]."""
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return out.unsqueeze(0)
+
+    # ------------------------------------------------------------------ dense (GQA) attention
+    def attend(
+        self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """query [1, H, T, D], key/value [1, KVH, T, D] -> [1, H, T, D]."""
+        key_cache, value_cache = self.cache.key[layer_idx], self.cache.value[layer_idx]
+        key_cache.index_copy_(0, self.slot_mapping, key[0].transpose(0, 1).to(key_cache.dtype))
+        value_cache.index_copy_(0, self.slot_mapping, value[0].transpose(0, 1).to(value_cache.dtype))
+        gqa = key.shape[1] != query.shape[1]
+        parts = []
+        if self.num_decode:
+            q = query[0, :, : self.num_decode].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
+            k = self._gather_decode(key_cache).transpose(1, 2)  # [B, KVH, L, D]
+            v = self._gather_decode(value_cache).transpose(1, 2)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=self.decode_mask, scale=scale, enable_gqa=gqa
+            )  # [B, H, 1, D]
+            parts.append(out.squeeze(2).transpose(0, 1))
+        for p in self.prefills:
+            q = query[:, :, p.offset : p.offset + p.length]
+            if p.history_slots is None:
+                k = key[:, :, p.offset : p.offset + p.length]
+                v = value[:, :, p.offset : p.offset + p.length]
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+            else:
+                k = key_cache.index_select(0, p.history_slots).transpose(0, 1).unsqueeze(0)
+                v = value_cache.index_select(0, p.history_slots).transpose(0, 1).unsqueeze(0)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=p.mask, scale=scale, enable_gqa=gqa)
+            parts.append(out[0])
+        return self._join(parts)
+
+    # ------------------------------------------------------------------ MLA
+    def attend_latent(
+        self,
+        layer_idx: int,
+        attn: Any,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        kv_latent: torch.Tensor,
+        k_pe: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """q_nope [1, H, T, nope], q_pe [1, H, T, rope], kv_latent [1, T, r], k_pe [1, 1, T, rope] -> [1, H, T, v]."""
+        latent_cache = self.cache.latent[layer_idx]
+        rank = attn.kv_lora_rank
+        entry = torch.cat((kv_latent[0], k_pe[0, 0]), dim=-1)  # [T, r + rope]
+        latent_cache.index_copy_(0, self.slot_mapping, entry.to(latent_cache.dtype))
+        parts = []
+        if self.num_decode:
+            heads, nope = attn.num_heads, attn.qk_nope_head_dim
+            weight = attn.kv_b_proj.weight.view(heads, nope + attn.v_head_dim, rank)
+            w_key, w_value = weight[:, :nope], weight[:, nope:]  # [H, nope, r], [H, v, r]
+            b = self.num_decode
+            q_latent = torch.bmm(q_nope[0, :, :b], w_key)  # [H, B, r]: absorbed into latent space
+            q = (
+                torch.cat((q_latent, q_pe[0, :, :b]), dim=-1).transpose(0, 1).unsqueeze(2)
+            )  # [B, H, 1, r+rope]
+            rows = self._gather_decode(latent_cache).unsqueeze(1)  # [B, 1, L, r + rope]
+            out = F.scaled_dot_product_attention(
+                q, rows, rows[..., :rank], attn_mask=self.decode_mask, scale=scale, enable_gqa=True
+            )  # [B, H, 1, r]
+            parts.append(torch.bmm(out.squeeze(2).transpose(0, 1), w_value.transpose(1, 2)))  # [H, B, v]
+        query = torch.cat((q_nope, q_pe), dim=-1) if self.prefills else None
+        for p in self.prefills:
+            assert query is not None
+            q = query[:, :, p.offset : p.offset + p.length]
+            if p.history_slots is None:
+                key, value = attn.expand_kv(
+                    kv_latent[:, p.offset : p.offset + p.length], k_pe[:, :, p.offset : p.offset + p.length]
+                )
+                out = F.scaled_dot_product_attention(q, key, value, is_causal=True, scale=scale)
+            else:
+                rows = latent_cache.index_select(0, p.history_slots).unsqueeze(0)  # [1, L, r + rope]
+                key, value = attn.expand_kv(rows[..., :rank], rows[..., rank:].unsqueeze(1))
+                out = F.scaled_dot_product_attention(q, key, value, attn_mask=p.mask, scale=scale)
+            parts.append(out[0])
+        return self._join(parts)
+
+
+@dataclass
+class PreparedBatch:
+    """Inputs of one forward pass, built from a step's chunks."""
+
+    input_ids: torch.Tensor  # [1, T]
+    positions: torch.Tensor  # [1, T]
+    attention: PagedAttention
+    sample_index: torch.Tensor  # flat positions whose logits are needed
+
+
+class ModelRunner:
+    """Runs the model for a step's chunks and returns the logits of the sequences that sample."""
+
+    def __init__(self, model: Transformer, cache: KVCache) -> None:
+        self.model = model
+        self.cache = cache
+        self.device = cache.device
+
+    def prepare(self, chunks: list[ScheduledChunk]) -> PreparedBatch:
+        """Flatten chunks into one row of tokens plus attention metadata (reads sequence state)."""
+        ids: list[int] = []
+        positions: list[int] = []
+        sample_index: list[int] = []
+        for c in chunks:
+            ids.extend(c.seq.token_ids[c.start : c.start + c.length])
+            positions.extend(range(c.start, c.start + c.length))
+            if c.samples:
+                sample_index.append(len(ids) - 1)
+        device = self.device
+        return PreparedBatch(
+            input_ids=torch.tensor([ids], dtype=torch.long, device=device),
+            positions=torch.tensor([positions], dtype=torch.long, device=device),
+            attention=PagedAttention(self.cache, chunks),
+            sample_index=torch.tensor(sample_index, dtype=torch.long, device=device),
+        )
+
+    @torch.inference_mode()
+    def execute(self, batch: PreparedBatch) -> torch.Tensor:
+        """Forward pass; logits [num_sampling_chunks, vocab] (in chunk order)."""
+        hidden = self.model.hidden_states(batch.input_ids, batch.positions, cache=batch.attention)
+        if batch.sample_index.numel() == 0:
+            return hidden.new_empty(0, self.model.config.vocab_size)
+        return self.model.lm_head(hidden[0].index_select(0, batch.sample_index))

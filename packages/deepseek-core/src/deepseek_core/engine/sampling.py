@@ -1,0 +1,95 @@
+"""Sampling, outside the model: penalties, greedy / temperature / top-k / top-p / min-p, logprobs.
+
+Every request draws from its own torch.Generator, and every filter works row by row, so a seeded request
+samples the same tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+import torch
+
+from .outputs import TokenLogprob
+from .sequence import Sequence
+
+
+def apply_penalties(logits: torch.Tensor, seq: Sequence) -> None:
+    """In place on one row [vocab]: repetition penalty over prompt + output, presence/frequency over output."""
+    params = seq.params
+    device = logits.device
+    if params.repetition_penalty != 1.0:
+        ids = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=device)
+        values = logits[ids]
+        penalty = params.repetition_penalty
+        logits[ids] = torch.where(values > 0, values / penalty, values * penalty)
+    if (params.presence_penalty or params.frequency_penalty) and seq.output_counts:
+        ids = torch.tensor(list(seq.output_counts), dtype=torch.long, device=device)
+        counts = torch.tensor(list(seq.output_counts.values()), dtype=logits.dtype, device=device)
+        logits[ids] -= params.frequency_penalty * counts + params.presence_penalty
+
+
+def filter_logits(logits: torch.Tensor, params: Seq) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p for rows [n, vocab] with per-row SamplingParams; -inf = removed."""
+    device = logits.device
+    vocab = logits.shape[-1]
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
+    logits = logits / temps.unsqueeze(1)
+    top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
+    need_top_k = any(k < vocab for k in top_k)
+    need_top_p = any(p.top_p < 1.0 for p in params)
+    if need_top_k or need_top_p:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        if need_top_k:
+            ks = torch.tensor(top_k, device=device).clamp(max=vocab)
+            ranks = torch.arange(vocab, device=device)
+            sorted_logits = sorted_logits.masked_fill(ranks.unsqueeze(0) >= ks.unsqueeze(1), float("-inf"))
+        if need_top_p:
+            top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=device)
+            probs = sorted_logits.softmax(dim=-1)
+            mass_before = probs.cumsum(dim=-1) - probs  # the best token always stays (mass_before = 0)
+            sorted_logits = sorted_logits.masked_fill(mass_before >= top_p.unsqueeze(1), float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter_(1, order, sorted_logits)
+    if any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], dtype=logits.dtype, device=device)
+        probs = logits.softmax(dim=-1)
+        threshold = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+    """Choose one token per row of `logits` [n, vocab] for `seqs`; returns token ids and logprobs.
+
+    Logprobs are those of the model's distribution (before penalties, temperature and filters).
+    """
+    logits = logits.float()
+    n = logits.shape[0]
+    want_logprobs = [s.params.logprobs is not None for s in seqs]
+    logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
+    if any(s.params.needs_penalties for s in seqs):
+        logits = logits.clone()
+        for i, seq in enumerate(seqs):
+            if seq.params.needs_penalties:
+                apply_penalties(logits[i], seq)
+    tokens = logits.argmax(dim=-1)
+    sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
+    if sampled:
+        probs = filter_logits(logits[sampled], [seqs[i].params for i in sampled]).softmax(dim=-1)
+        for j, i in enumerate(sampled):
+            tokens[i] = torch.multinomial(probs[j], 1, generator=seqs[i].generator)[0]
+    token_list = tokens.tolist()
+    results: list[TokenLogprob | None] = [None] * n
+    if logprobs is not None:
+        for i, seq in enumerate(seqs):
+            top_n = seq.params.logprobs
+            if top_n is None:
+                continue
+            row = logprobs[i]
+            chosen = float(row[token_list[i]])
+            top: list[tuple[int, float]] = []
+            if top_n > 0:
+                values, ids = row.topk(top_n)
+                top = list(zip(ids.tolist(), values.tolist()))
+            results[i] = TokenLogprob(token_list[i], chosen, top)
+    return token_list, results
