@@ -1,0 +1,447 @@
+"""Serving benchmark: the engine over HTTP against the engine in-process and a hand-written FastAPI server.
+
+One run, one workload (the engine benchmark's mixed workload: 64 requests, prompts 16-512 tokens, outputs
+16-256 tokens, seeded; random weights of the ~134M preset "deepseek-134m"), three ways:
+
+  in-process   LLM.generate(all prompts) in this process: the ceiling
+  http         `deepseek-core serve` in a subprocess, all requests at once from the openai async client,
+               streaming (TTFT = first text chunk)
+  hand-written a plain FastAPI app that calls transformers' generate per request, one at a time under a lock
+               (as such servers usually do), streaming through a token streamer
+
+Goals printed as ratios: http / in-process throughput >= 0.90; http / hand-written throughput >= 3x at an
+equal or lower p99 latency. Every request sets ignore_eos (min_new_tokens for transformers), so all three
+generate exactly the same number of tokens.
+
+    python tools/bench/serve.py            # deepseek-134m, 64 requests
+    python tools/bench/serve.py --quick    # a small model and workload: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_summary, print_table  # noqa: E402
+
+SPECIAL = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"]
+
+
+# ---------------------------------------------------------------------------------------------- setup
+def mixed_workload(
+    num: int, prompt_range: tuple[int, int], output_range: tuple[int, int], vocab: int, seed: int = 0
+) -> list[tuple[list[int], int, int]]:
+    """(prompt token ids, output tokens, seed) per request; ids avoid the special tokens 0 and 1."""
+    rng = random.Random(seed)
+    work = []
+    for i in range(num):
+        plen = rng.randint(*prompt_range)
+        work.append(
+            ([rng.randrange(2, vocab) for _ in range(plen)], rng.randint(*output_range), seed * 1000 + i)
+        )
+    return work
+
+
+def _python_corpus(max_bytes: int) -> list[str]:
+    """Text to train the benchmark tokenizer: the standard library's own sources."""
+    root = Path(os.__file__).parent
+    texts, total = [], 0
+    for path in sorted(root.rglob("*.py")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        texts.append(text)
+        total += len(text)
+        if total >= max_bytes:
+            break
+    return texts
+
+
+def build_checkpoint(preset: str, directory: Path) -> Path:
+    """Random weights of `preset` plus a byte-level BPE tokenizer with the preset's vocabulary size."""
+    import torch
+    from deepseek_core import ModelConfig, Tokenizer, Transformer, save_model
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    if (directory / "config.json").is_file():
+        return directory
+    config = ModelConfig.from_preset(preset)
+    print(
+        f"building {preset}: {config.param_count() / 1e6:.0f}M parameters, training a "
+        f"{config.vocab_size}-token tokenizer ...",
+        flush=True,
+    )
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=config.vocab_size,
+        special_tokens=SPECIAL,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    hf.train_from_iterator(_python_corpus(24_000_000 if config.vocab_size > 8000 else 4_000_000), trainer)
+    tokenizer = Tokenizer(hf, {"bos_token": SPECIAL[0], "eos_token": SPECIAL[1], "add_bos_token": True})
+    if tokenizer.vocab_size < config.vocab_size:  # a small corpus: the model keeps its size, ids decode as ""
+        print(f"  tokenizer reached {tokenizer.vocab_size} tokens", flush=True)
+    torch.manual_seed(0)
+    model = Transformer(config.replace(bos_token_id=0, eos_token_id=1))
+    return save_model(model, directory, tokenizer=tokenizer)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, proc: subprocess.Popen, path: str, timeout: float = 600) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + path, timeout=30).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+def run_in_process(model_dir: Path, work: list, max_num_seqs: int, device: str | None) -> dict[str, Any]:
+    """LLM.generate over the whole workload (after a warm-up)."""
+    from deepseek_core.engine import LLM, SamplingParams
+
+    llm = LLM(str(model_dir), max_num_seqs=max_num_seqs, device=device)
+    llm.generate([w[0] for w in work[:2]], SamplingParams(max_tokens=4, ignore_eos=True))
+    params = [
+        SamplingParams(max_tokens=out, temperature=1.0, seed=seed, ignore_eos=True) for _, out, seed in work
+    ]
+    start = time.perf_counter()
+    outs = llm.generate([w[0] for w in work], params)
+    wall = time.perf_counter() - start
+    tokens = sum(len(o.token_ids) for o in outs)
+    del llm
+    return {"wall": wall, "tokens": tokens, "ttft": [], "e2e": []}
+
+
+async def _client_run(base_url: str, work: list, model: str) -> dict[str, Any]:
+    """All requests at once from the openai async client, streaming; per-request TTFT and latency."""
+    import httpx
+    import openai
+
+    limits = httpx.Limits(max_connections=len(work) + 8, max_keepalive_connections=len(work) + 8)
+    client = openai.AsyncOpenAI(
+        base_url=base_url + "/v1",
+        api_key="bench",
+        max_retries=0,
+        timeout=3600,
+        http_client=openai.DefaultAsyncHttpxClient(limits=limits),
+    )
+
+    async def one(prompt: list[int], out: int, seed: int) -> tuple[float, float, int]:
+        start = time.perf_counter()
+        first = None
+        tokens = 0
+        stream = await client.completions.create(
+            model=model,
+            prompt=prompt,
+            max_tokens=out,
+            temperature=1.0,
+            seed=seed,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        async for chunk in stream:
+            if first is None and chunk.choices and (chunk.choices[0].text or chunk.choices[0].finish_reason):
+                first = time.perf_counter()
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        end = time.perf_counter()
+        return (first or end) - start, end - start, tokens
+
+    # Warm-up: one short request (first-call costs are not serving throughput).
+    await one(work[0][0][:16], 2, 0)
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one(*w) for w in work))
+    wall = time.perf_counter() - start
+    await client.close()
+    return {
+        "wall": wall,
+        "tokens": sum(r[2] for r in results),
+        "ttft": [r[0] for r in results],
+        "e2e": [r[1] for r in results],
+    }
+
+
+def run_http(model_dir: Path, work: list, max_num_seqs: int, device: str | None) -> dict[str, Any]:
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepseek_core.cli",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--served-model-name",
+        "bench",
+        "--max-num-seqs",
+        str(max_num_seqs),
+        "--log-level",
+        "warning",
+    ]
+    if device:
+        cmd += ["--device", device]
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc, "/ready")
+        return asyncio.run(_client_run(f"http://127.0.0.1:{port}", work, "bench"))
+    finally:
+        stop(proc)
+
+
+def run_hand_written(model_dir: Path, work: list, device: str | None) -> dict[str, Any]:
+    port = free_port()
+    cmd = [sys.executable, __file__, "--baseline-server", "--model-dir", str(model_dir), "--port", str(port)]
+    if device:
+        cmd += ["--device", device]
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc, "/health")
+        return asyncio.run(_client_run(f"http://127.0.0.1:{port}", work, "bench"))
+    finally:
+        stop(proc)
+
+
+# ---------------------------------------------------------------------------------------------- the baseline
+def baseline_server(model_dir: Path, port: int, device: str | None) -> None:
+    """The hand-written server: FastAPI + transformers' generate, one request at a time under a lock."""
+    import threading
+
+    import torch
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import StreamingResponse
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.generation.streamers import BaseStreamer
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(dev).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    lock = threading.Lock()
+    app = FastAPI()
+
+    class QueueStreamer(BaseStreamer):
+        def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
+            self.loop, self.queue, self.skip_prompt = loop, queue, True
+
+        def put(self, value: Any) -> None:
+            if self.skip_prompt:  # generate() first hands over the prompt
+                self.skip_prompt = False
+                return
+            for token in value.reshape(-1).tolist():
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, token)
+
+        def end(self) -> None:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
+
+    def generate(
+        ids: list[int], max_tokens: int, temperature: float, seed: int | None, streamer: Any
+    ) -> None:
+        with lock, torch.inference_mode():
+            if seed is not None:
+                torch.manual_seed(seed)
+            model.generate(
+                torch.tensor([ids], device=dev),
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=temperature > 0,
+                temperature=temperature or None,
+                top_k=0,
+                top_p=1.0,
+                streamer=streamer,
+                pad_token_id=0,
+            )
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> StreamingResponse:
+        body = await request.json()
+        prompt = body["prompt"]
+        ids = prompt if isinstance(prompt, list) else tokenizer.encode(prompt)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        task = loop.run_in_executor(
+            None,
+            generate,
+            ids,
+            int(body.get("max_tokens", 16)),
+            float(body.get("temperature", 1.0)),
+            body.get("seed"),
+            QueueStreamer(loop, queue),
+        )
+
+        async def events():  # type: ignore[no-untyped-def]
+            count = 0
+            base = {
+                "id": "cmpl-x",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": "bench",
+            }
+            while (token := await queue.get()) is not None:
+                count += 1
+                text = tokenizer.decode([token])
+                chunk = {
+                    **base,
+                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": None}],
+                }
+                yield f"data: {json.dumps(chunk)}\n\n"
+            await task
+            last = {
+                **base,
+                "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}],
+            }
+            yield f"data: {json.dumps(last)}\n\n"
+            usage = {"prompt_tokens": len(ids), "completion_tokens": count, "total_tokens": len(ids) + count}
+            yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="deepseek-tiny, 24 requests, shorter prompts/outputs"
+    )
+    parser.add_argument(
+        "--preset", default=None, help="model preset (default deepseek-134m; quick: deepseek-tiny)"
+    )
+    parser.add_argument(
+        "--requests", type=int, default=None, help="number of requests (default 64; quick 24)"
+    )
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", default=None, help="where the random checkpoint is kept between runs")
+    parser.add_argument("--skip-baseline", action="store_true", help="skip the hand-written server")
+    parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.baseline_server:
+        baseline_server(Path(args.model_dir), args.port, args.device)
+        return 0
+
+    preset = args.preset or ("deepseek-tiny" if args.quick else "deepseek-134m")
+    num = args.requests or (24 if args.quick else 64)
+    prompt_range, output_range = ((16, 256), (16, 128)) if args.quick else ((16, 512), (16, 256))
+    cache = Path(args.cache_dir or Path(tempfile.gettempdir()) / "deepseek-bench-serve")
+    model_dir = build_checkpoint(preset, cache / preset)
+    from deepseek_core import ModelConfig
+
+    config = ModelConfig.from_pretrained(model_dir)
+    work = mixed_workload(num, prompt_range, output_range, config.vocab_size, args.seed)
+    total_out = sum(w[1] for w in work)
+    print(machine_summary())
+    print(
+        f"workload: {num} requests, prompts {prompt_range[0]}-{prompt_range[1]} tokens "
+        f"(total {sum(len(w[0]) for w in work)}), outputs {output_range[0]}-{output_range[1]} tokens "
+        f"(total {total_out}), preset {preset}",
+        flush=True,
+    )
+
+    runs: dict[str, dict[str, Any]] = {}
+    print("in-process engine ...", flush=True)
+    runs["in-process"] = run_in_process(model_dir, work, args.max_num_seqs, args.device)
+    print("deepseek-core serve over HTTP ...", flush=True)
+    runs["http (deepseek-core serve)"] = run_http(model_dir, work, args.max_num_seqs, args.device)
+    if not args.skip_baseline:
+        print("hand-written FastAPI + transformers.generate ...", flush=True)
+        runs["hand-written (FastAPI+generate)"] = run_hand_written(model_dir, work, args.device)
+
+    rows = []
+    for name, r in runs.items():
+        rows.append(
+            {
+                "server": name,
+                "tokens": r["tokens"],
+                "wall s": f"{r['wall']:.2f}",
+                "tok/s": f"{r['tokens'] / r['wall']:.1f}",
+                "TTFT p50 s": f"{_pct(r['ttft'], 0.5):.3f}" if r["ttft"] else "-",
+                "TTFT p99 s": f"{_pct(r['ttft'], 0.99):.3f}" if r["ttft"] else "-",
+                "latency p50 s": f"{_pct(r['e2e'], 0.5):.3f}" if r["e2e"] else "-",
+                "latency p99 s": f"{_pct(r['e2e'], 0.99):.3f}" if r["e2e"] else "-",
+            }
+        )
+        if r["tokens"] != total_out:
+            print(f"warning: {name} generated {r['tokens']} tokens, expected {total_out}")
+    print_table(rows)
+    ours, ceiling = runs["http (deepseek-core serve)"], runs["in-process"]
+    tput = {name: r["tokens"] / r["wall"] for name, r in runs.items()}
+    ratio = tput["http (deepseek-core serve)"] / tput["in-process"]
+    print(
+        f"http / in-process throughput: {ratio:.2f} (goal >= 0.90) {'OK' if ratio >= 0.9 else 'BELOW GOAL'}"
+    )
+    base = runs.get("hand-written (FastAPI+generate)")
+    if base is not None:
+        speedup = tput["http (deepseek-core serve)"] / tput["hand-written (FastAPI+generate)"]
+        p99_ours, p99_base = _pct(ours["e2e"], 0.99), _pct(base["e2e"], 0.99)
+        print(
+            f"http / hand-written throughput: {speedup:.2f}x (goal >= 3x) {'OK' if speedup >= 3 else 'BELOW GOAL'}; "
+            f"p99 latency {p99_ours:.2f}s vs {p99_base:.2f}s ({'equal or lower' if p99_ours <= p99_base else 'HIGHER'})"
+        )
+    del ceiling
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
