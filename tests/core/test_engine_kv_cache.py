@@ -1,0 +1,60 @@
+"""The paged KV cache: pool sizing, MLA latent-only storage, the block allocator."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from deepseek_core import ModelConfig, Transformer
+from deepseek_core.engine import LLM, BlockAllocator, KVCache
+from deepseek_core.engine.kv_cache import NoFreeBlocksError
+
+from .hf_tiny import TINY_CONFIGS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["deepseek_v2", "deepseek_v3"])
+def test_mla_cache_holds_only_the_latent(kind, dtype):
+    config = ModelConfig.from_dict(TINY_CONFIGS[kind])
+    llm = LLM(Transformer(config).to(dtype), num_kv_blocks=10, block_size=4)
+    cache = llm.engine.cache
+    size = torch.empty((), dtype=dtype).element_size()
+    per_token = (config.kv_lora_rank + config.qk_rope_head_dim) * config.num_hidden_layers * size
+    assert cache.bytes_per_token == per_token == config.kv_cache_bytes_per_token(str(dtype).split(".")[1])
+    assert cache.total_bytes == per_token * 10 * 4
+    assert not cache.key and not cache.value
+    assert [t.shape for t in cache.latent] == [(40, config.kv_lora_rank + config.qk_rope_head_dim)] * 3
+    assert all(t.dtype == dtype for t in cache.latent)
+    heads = config.num_attention_heads
+    expanded = heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim)
+    assert per_token * 5 < expanded * config.num_hidden_layers * size  # far below expanded K/V
+
+
+def test_dense_cache_holds_keys_and_values():
+    config = ModelConfig.from_dict(TINY_CONFIGS["llama_gqa"])
+    cache = KVCache(config, num_blocks=3, block_size=8)
+    assert cache.bytes_per_token == 2 * config.kv_heads * config.attn_head_dim * config.num_hidden_layers * 4
+    assert [t.shape for t in cache.key] == [(24, config.kv_heads, config.attn_head_dim)] * 2
+    assert cache.capacity_tokens == 24 and cache.blocks_needed(17) == 3
+
+
+def test_pool_size_in_bytes_and_context_window():
+    config = ModelConfig.from_dict(TINY_CONFIGS["deepseek_v3"])
+    per_block = config.kv_cache_bytes_per_token("float32") * 16
+    llm = LLM(Transformer(config), kv_cache_bytes=per_block * 7 + 5)
+    assert llm.engine.cache.num_blocks == 7
+    assert llm.max_model_len == 7 * 16  # the pool (112 tokens) caps the config's 256
+    llm = LLM(Transformer(config), max_num_seqs=2)
+    assert llm.max_model_len == 256 and llm.engine.cache.num_blocks == 2 * 256 // 16
+
+
+def test_block_allocator():
+    alloc = BlockAllocator(5)
+    a = alloc.allocate(3)
+    assert a == [0, 1, 2] and alloc.num_free == 2
+    with pytest.raises(NoFreeBlocksError):
+        alloc.allocate(3)
+    assert alloc.num_free == 2  # a failed allocation takes nothing
+    alloc.free([1])
+    assert alloc.allocate(2) == [1, 3]
+    with pytest.raises(RuntimeError, match="freed twice"):
+        alloc.free([0, 0])
