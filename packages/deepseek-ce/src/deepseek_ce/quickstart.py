@@ -83,7 +83,8 @@ def run_quickstart(
     for stale in out.glob("checkpoint-*"):  # a fresh run each time: old checkpoints would be resumed
         shutil.rmtree(stale, ignore_errors=True)
     (out / "train.log").unlink(missing_ok=True)
-    device = "cuda" if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    device = "cuda" if torch.cuda.is_available() else f"cpu, {threads} thread{'s' if threads != 1 else ''}"
     echo(f"DeepSeek CE quickstart: offline, on this machine ({device})")
 
     corpus, files, chars = write_stdlib_corpus(out / "data" / "stdlib.jsonl", int(corpus_mb * 1_000_000))
@@ -113,9 +114,14 @@ def run_quickstart(
     )
     trainer: Trainer = Trainer(model, corpus, config=config, output_dir=out, cache_dir=out / "cache")
     budget_s = minutes * 60.0
+    fixed_steps = max_steps is not None
+    eval_start = time.perf_counter()
+    before = trainer.evaluate()
+    eval_s = time.perf_counter() - eval_start
     if max_steps is None:
         step_s = _time_train_steps(model, trainer.train_dataset)
-        max_steps = max(10, int(budget_s / step_s * 0.9))  # leave room for evaluation and checkpoints
+        # The budget pays for the steps plus 4 evaluations (3 along the way, 1 at the end); 5 % spare.
+        max_steps = max(10, int((budget_s * 0.95 - 4 * eval_s) / step_s))
     trainer.config = config.replace(
         max_steps=max_steps,
         warmup_steps=max(1, max_steps // 20),
@@ -124,9 +130,9 @@ def run_quickstart(
         log_every=max(1, max_steps // 20),
         max_time_s=budget_s * 1.1,  # a hard stop in case the machine is slower than measured
     )
-    before = trainer.evaluate()
+    plan = f"{max_steps} steps" if fixed_steps else f"~{minutes:g} min: {max_steps} steps"
     echo(
-        f"[4/5] training for ~{minutes:g} min: {max_steps} steps of {BATCH_SIZE} x {SEQ_LEN} tokens "
+        f"[4/5] training for {plan} of {BATCH_SIZE} x {SEQ_LEN} tokens "
         f"({len(trainer.train_dataset):,} training sequences); eval perplexity now {before['eval_perplexity']:,.1f}"
     )
     result = trainer.fit(resume=False)

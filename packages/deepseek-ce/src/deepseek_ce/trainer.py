@@ -65,8 +65,8 @@ class TrainResult:
     checkpoint: Path | None
     loss_curve: Path | None
     log_file: Path
-    elapsed_s: float
-    tokens_per_s: float
+    elapsed_s: float  # wall time of fit(), evaluation and checkpoints included
+    tokens_per_s: float  # training throughput (time in training steps only)
     stopped_by: str  # "max_steps" | "max_time_s" | "already_done"
 
 
@@ -130,6 +130,7 @@ class Trainer:
         self.tokens_seen = 0
         self.history: dict[str, list[tuple[int, float]]] = {"train": [], "eval": []}
         self._log: RunLog | None = None
+        self._last_eval: tuple[int, dict[str, float]] | None = None
 
     # ------------------------------------------------------------------ setup
     def _resolve_precision(self) -> str:
@@ -400,7 +401,8 @@ class Trainer:
         start_tokens = self.tokens_seen
         stopped_by = "already_done" if self.step >= cfg.max_steps else "max_steps"
         last_checkpoint: Path | None = checkpoint
-        window_loss, window_steps, window_start, window_tokens = 0.0, 0, start_time, 0
+        # Throughput counts training steps only (not evaluation or checkpoint writing).
+        window_loss, window_steps, window_s, window_tokens, train_s = 0.0, 0, 0.0, 0, 0.0
         train_loss: float | None = None
         grad_norm: torch.Tensor | None = None
         bar = tqdm(
@@ -414,6 +416,7 @@ class Trainer:
         try:
             while self.step < cfg.max_steps:
                 step = self.step + 1
+                step_start = time.perf_counter()
                 accumulated = torch.zeros((), device=self.device)
                 for _ in range(cfg.grad_accum_steps):
                     input_ids, labels = self._batch(self.train_dataset, order.next_batch())
@@ -435,6 +438,9 @@ class Trainer:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 self.step = step
+                step_s = time.perf_counter() - step_start
+                train_s += step_s
+                window_s += step_s
                 self.tokens_seen += tokens_per_step
                 self.history["train"].append((step, loss_value))
                 window_loss += loss_value
@@ -442,28 +448,28 @@ class Trainer:
                 window_tokens += tokens_per_step
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    now = time.perf_counter()
                     train_loss = window_loss / window_steps
                     norm = f" | grad_norm {float(grad_norm):.3f}" if grad_norm is not None else ""
-                    rate = window_tokens / max(now - window_start, 1e-9)
+                    rate = window_tokens / max(window_s, 1e-9)
                     self.log(
                         f"step {step}/{cfg.max_steps} | loss {train_loss:.4f} | lr {optimizer.param_groups[0]['lr']:.3e}"
                         f"{norm} | {rate:,.0f} tok/s"
                     )
                     bar.set_postfix(loss=f"{train_loss:.3f}")
-                    window_loss, window_steps, window_start, window_tokens = 0.0, 0, now, 0
-                if (
-                    self.eval_dataset is not None
-                    and cfg.eval_every
-                    and step % cfg.eval_every == 0
-                    and step < cfg.max_steps
-                ):
-                    self._log_eval()
+                    window_loss, window_steps, window_s, window_tokens = 0.0, 0, 0.0, 0
                 out_of_time = (
                     cfg.max_time_s is not None and time.perf_counter() - start_time >= cfg.max_time_s
                 )
                 if out_of_time:
                     stopped_by = "max_time_s"
+                if (
+                    self.eval_dataset is not None
+                    and cfg.eval_every
+                    and step % cfg.eval_every == 0
+                    and step < cfg.max_steps
+                    and not out_of_time
+                ):
+                    self._log_eval()
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps and not out_of_time:
                     last_checkpoint = self.save_checkpoint(optimizer, scheduler, order)
                 if out_of_time:
@@ -474,7 +480,8 @@ class Trainer:
         elapsed = time.perf_counter() - start_time
         metrics: dict[str, float] = {}
         if self.eval_dataset is not None:
-            metrics = self._log_eval()
+            last = self._last_eval
+            metrics = last[1] if last is not None and last[0] == self.step else self._log_eval()
         if (
             stopped_by != "already_done"
             or last_checkpoint is None
@@ -500,7 +507,7 @@ class Trainer:
             loss_curve=curve,
             log_file=self.output_dir / LOG_FILE,
             elapsed_s=elapsed,
-            tokens_per_s=trained / elapsed if elapsed > 0 else 0.0,
+            tokens_per_s=trained / train_s if train_s > 0 else 0.0,
             stopped_by=stopped_by,
         )
         self.log(
@@ -528,6 +535,7 @@ class Trainer:
 
     def _log_eval(self) -> dict[str, float]:
         metrics = self.evaluate()
+        self._last_eval = (self.step, metrics)
         self.history["eval"].append((self.step, metrics["eval_loss"]))
         self.log(
             f"eval step {self.step} | loss {metrics['eval_loss']:.4f} | perplexity {metrics['eval_perplexity']:.2f}"
