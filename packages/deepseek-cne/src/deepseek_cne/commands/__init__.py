@@ -1,0 +1,1 @@
+"""Subcommands of `deepseek-cne`: each module exposes register(subparsers)."""
