@@ -256,7 +256,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from deepseek_core.cli import main as core_main  # the server lives in core; imported only when needed
 
-    return int(core_main(["serve", *args.serve_args], prog=f"{PROG} serve") or 0)
+    return int(core_main(["serve", *args.serve_args], prog=PROG) or 0)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

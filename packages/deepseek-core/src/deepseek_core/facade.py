@@ -49,8 +49,11 @@ class Model:
         device: torch.device | str | None = None,
     ) -> Model:
         """Load a Hugging Face-format checkpoint: a local directory, or a hub id / alias (see hub.MODEL_ALIASES),
-        with its tokenizer when the directory has one."""
+        with its tokenizer when the directory has one. Weights go to the GPU when there is one (else the CPU),
+        in `dtype` (default float32, which training needs; pass torch.bfloat16 for inference-only use)."""
         directory = resolve_model_dir(os.fspath(path_or_id))
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         module = load_model(directory, dtype=dtype, device=device)
         tokenizer = Tokenizer.from_pretrained(directory) if (directory / "tokenizer.json").is_file() else None
         return cls(module, tokenizer, source=os.fspath(path_or_id))
