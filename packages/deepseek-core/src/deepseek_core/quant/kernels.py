@@ -1,0 +1,148 @@
+"""The native weight-only INT8 CPU kernel (csrc/int8_gemm.c): built with the system C compiler on first use.
+
+Why native: torch has no fast float32-activation x int8-weight CPU matmul (aten._weight_int8pack_mm is
+scalar for float32 inputs, torchao's Int8WeightOnlyConfig on CPU was slower than float32 here), while a
+small AVX2 loop that widens int8 weights in registers reads 4x fewer bytes than a float32 matmul, which is
+what batch-1 decode is bound by (tools/bench/quant.py measures it).
+
+The library is compiled with `-O3 -march=native` (so for the CPU it runs on) into a cache directory keyed by
+the source, compiler and CPU flags, written atomically; without a compiler, or with
+DEEPSEEK_NATIVE_KERNELS=0, `native_library()` returns None and callers use torch fallbacks.
+Cache directory: $DEEPSEEK_KERNEL_CACHE, else $XDG_CACHE_HOME/deepseek-core/kernels, else ~/.cache/...
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "int8_gemm.c"
+_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11"]
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept."""
+    explicit = os.environ.get("DEEPSEEK_KERNEL_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "deepseek-core" / "kernels"
+
+
+def _compiler() -> str | None:
+    for candidate in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if candidate and shutil.which(candidate):
+            return candidate
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(compiler: str, target: Path) -> None:
+    """Compile SOURCE into `target` (with OpenMP when the compiler has it), through a temporary file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        last_error = ""
+        for extra in (["-fopenmp"], []):
+            cmd = [compiler, *_FLAGS, *extra, str(SOURCE), "-o", tmp]
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            if result.returncode == 0:
+                os.replace(tmp, target)
+                return
+            last_error = result.stderr.strip()[-2000:]
+        raise RuntimeError(f"{SOURCE}: compiling with {compiler} failed: {last_error}")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.lru_cache(maxsize=1)
+def native_library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None when disabled or it cannot be built here (logged once)."""
+    if os.environ.get("DEEPSEEK_NATIVE_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        log.warning("no C compiler found: INT8 weight-only layers use the slower torch fallback")
+        return None
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = hashlib.sha256(
+            b"\0".join(
+                s.encode() for s in (SOURCE.read_text(), " ".join(_FLAGS), compiler, version, _cpu_flags())
+            )
+        ).hexdigest()[:20]
+        target = cache_dir() / f"int8_gemm-{platform.machine()}-{key}.so"
+        if not target.is_file():
+            _build(compiler, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        log.warning("INT8 native kernel unavailable (%s): using the torch fallback", exc)
+        return None
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    # (x, x_stride, w, scale, bias, y, M, N, K, nthreads)
+    lib.ds_int8_wo_gemm.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    lib.ds_int8_wo_gemm.restype = None
+    lib.ds_int8_kernel_isa.restype = ctypes.c_int
+    return lib
+
+
+def kernel_isa() -> str:
+    """'avx2', 'generic' (portable C) or 'none' (no native library)."""
+    lib = native_library()
+    if lib is None:
+        return "none"
+    return "avx2" if lib.ds_int8_kernel_isa() == 2 else "generic"
+
+
+def weight_only_gemm(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x float32 [M, K] (CPU) @ (int8 weight [N, K] * scale[N])^T + bias -> float32 [M, N] via the kernel.
+
+    The caller checks native_library() is not None; inputs are made contiguous float32 here.
+    """
+    lib = native_library()
+    assert lib is not None
+    x = x.contiguous()
+    weight = weight.contiguous()
+    scale = scale.to(torch.float32).contiguous()
+    bias = bias.to(torch.float32).contiguous() if bias is not None else None
+    m, k = x.shape
+    n = weight.shape[0]
+    out = torch.empty((m, n), dtype=torch.float32)
+    lib.ds_int8_wo_gemm(
+        x.data_ptr(),
+        k,
+        weight.data_ptr(),
+        scale.data_ptr(),
+        bias.data_ptr() if bias is not None else None,
+        out.data_ptr(),
+        m,
+        n,
+        k,
+        torch.get_num_threads(),
+    )
+    return out
