@@ -24,7 +24,7 @@ from deepseek_core.fileio import atomic_directory, atomic_write_text
 from deepseek_core.training.shards import DTYPES, INDEX_NAME, DatasetIndex, ShardInfo, dtype_for_vocab
 
 from .errors import DataError
-from .plan import Task, plan_tasks, task_fingerprint
+from .plan import Task, plan_tasks, task_bytes, task_fingerprint
 from .sources import SourceFile, discover
 from .worker import DONE_DIR, TaskSettings, marker_path, run_task
 
@@ -44,7 +44,7 @@ def prepare_dataset(
     *,
     client: Any = None,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,  # at most this much input per task (see plan.task_bytes)
     dtype: str | None = None,
     text_field: str = "text",
     on_error: str = "fail",
@@ -66,6 +66,8 @@ def prepare_dataset(
         raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     if n_workers < 1:
         raise ValueError(f"n_workers must be >= 1, got {n_workers}")
     if dtype is not None and dtype not in DTYPES:
@@ -96,6 +98,7 @@ def prepare_dataset(
             storage_options=storage_options,
         )
         sources = discover([inputs] if isinstance(inputs, str) else list(inputs), storage_options)
+        chunk_bytes = task_bytes(sum(s.size for s in sources), chunk_bytes)
         tasks = plan_tasks(sources, chunk_bytes, storage_options)
         fingerprints = [task_fingerprint(t, sources, settings.fingerprint()) for t in tasks]
         done = _load_markers(out, tasks, fingerprints, DTYPES[chosen]().itemsize)

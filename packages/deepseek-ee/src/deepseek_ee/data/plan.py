@@ -18,6 +18,16 @@ from .errors import DataError
 from .sources import SourceFile, filesystem
 
 FORMAT_VERSION = 1  # bump when tokenization semantics change: every task is then redone
+TARGET_TASKS = 64  # a corpus smaller than TARGET_TASKS * chunk_bytes still gets this many tasks...
+MIN_TASK_BYTES = 1 << 20  # ...unless they would be smaller than this
+
+
+def task_bytes(total_bytes: int, chunk_bytes: int) -> int:
+    """Input bytes per task: at most `chunk_bytes`, smaller for small corpora so every worker gets work.
+
+    Depends only on the corpus size (never on the number of workers), so a rerun plans the same tasks.
+    """
+    return max(1, min(chunk_bytes, max(MIN_TASK_BYTES, total_bytes // TARGET_TASKS)))
 
 
 @dataclass(frozen=True)
