@@ -33,7 +33,7 @@ def test_dense_cache_holds_keys_and_values():
     config = ModelConfig.from_dict(TINY_CONFIGS["llama_gqa"])
     cache = KVCache(config, num_blocks=3, block_size=8)
     assert cache.bytes_per_token == 2 * config.kv_heads * config.attn_head_dim * config.num_hidden_layers * 4
-    assert [t.shape for t in cache.key] == [(24, config.kv_heads, config.attn_head_dim)] * 2
+    assert [t.shape for t in cache.key] == [(config.kv_heads, 24, config.attn_head_dim)] * 2
     assert cache.capacity_tokens == 24 and cache.blocks_needed(17) == 3
 
 

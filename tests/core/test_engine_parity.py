@@ -40,12 +40,15 @@ def test_greedy_matches_transformers_generate(kind, engine_hf_checkpoint):
         assert len(set(ref)) > 3
 
 
+@pytest.mark.parametrize("backend", ["matmul", "sdpa"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_cached_logprobs_equal_full_forward(kind, engine_hf_checkpoint):
+def test_cached_logprobs_equal_full_forward(kind, backend, engine_hf_checkpoint):
     """Chunked prefill (8-token budget) + decode through the paged cache (MLA: absorbed decode) give the
-    logprobs of a full forward pass over the whole sequence, for several sequences at once."""
+    logprobs of a full forward pass over the whole sequence, for several sequences at once; with both decode
+    attention backends (grouped matmuls: the CPU default; SDPA: the CUDA default)."""
     directory, _ = engine_hf_checkpoint(kind)
     llm = LLM(str(directory), max_num_seqs=3, max_num_batched_tokens=8, block_size=4)
+    llm.engine.runner.decode_backend = backend
     prompts = _prompts(llm.config.vocab_size, (3, 19, 30), seed=7)
     outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=3))
     for prompt, out in zip(prompts, outs):

@@ -4,7 +4,8 @@ Each layer owns one contiguous tensor of `num_blocks * block_size` token slots; 
 lists which blocks hold its tokens, so token `p` of a sequence lives in slot
 `block_table[p // block_size] * block_size + p % block_size`.
 
-Dense (GQA) models cache keys and values, [slots, kv_heads, head_dim] each. MLA models cache the compressed
+Dense (GQA) models cache keys and values, [kv_heads, slots, head_dim] each (head-major, so a gathered
+sequence is a stack of contiguous [tokens, head_dim] matrices, what batched matmuls want). MLA models cache the compressed
 latent and the rotated shared rope key side by side, [slots, kv_lora_rank + qk_rope_head_dim]: the per-head
 keys and values are never stored.
 """
@@ -100,9 +101,10 @@ class KVCache:
         self.is_mla = config.is_mla
         self.allocator = BlockAllocator(num_blocks)
         slots = num_blocks * block_size
-        shape = (slots, *cache_entry_shape(config))
+        entry = cache_entry_shape(config)
+        shape = (slots, *entry) if self.is_mla else (entry[0], slots, entry[1])
         layers = config.num_hidden_layers
-        # latent: MLA's [slots, kv_lora_rank + rope] per layer; key/value: dense [slots, kv_heads, head_dim].
+        # latent: MLA's [slots, kv_lora_rank + rope] per layer; key/value: dense [kv_heads, slots, head_dim].
         self.latent: list[torch.Tensor] = []
         self.key: list[torch.Tensor] = []
         self.value: list[torch.Tensor] = []
@@ -131,7 +133,7 @@ class KVCache:
     def bytes_per_token(self) -> int:
         """Bytes one token takes across all layers, computed from the allocated tensors."""
         tensors = self.latent + self.key + self.value
-        return sum(t.element_size() * t[0].numel() for t in tensors)
+        return sum(t.element_size() * t.numel() for t in tensors) // self.capacity_tokens
 
     @property
     def total_bytes(self) -> int:

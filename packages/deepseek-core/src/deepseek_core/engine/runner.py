@@ -44,7 +44,7 @@ def _slots(block_table: list[int], start: int, end: int, block_size: int) -> lis
 class PagedAttention:
     """KVCacheView over a KVCache for one step's flattened batch (built once, used by every layer)."""
 
-    def __init__(self, cache: KVCache, chunks: list[ScheduledChunk]) -> None:
+    def __init__(self, cache: KVCache, chunks: list[ScheduledChunk], decode_backend: str = "auto") -> None:
         self.cache = cache
         device = cache.device
         bs = cache.block_size
@@ -58,7 +58,10 @@ class PagedAttention:
         # Decodes: key slots [num_decode, max_len] (padding masked out), or one contiguous range.
         self.decode_range: tuple[int, int] | None = None
         self.decode_slots: torch.Tensor | None = None
-        self.decode_mask: torch.Tensor | None = None
+        self.decode_valid: torch.Tensor | None = None  # [B, max_len] bool, None when all lengths are equal
+        self.use_sdpa_decode = decode_backend == "sdpa" or (
+            decode_backend == "auto" and device.type == "cuda"
+        )
         if decodes:
             lengths = [c.start + 1 for c in decodes]
             max_len = max(lengths)
@@ -74,8 +77,7 @@ class PagedAttention:
                 self.decode_slots = slots[:, :max_len].reshape(-1)
                 if min(lengths) != max_len:
                     lens = torch.tensor(lengths, device=device)
-                    valid = torch.arange(max_len, device=device).unsqueeze(0) < lens.unsqueeze(1)
-                    self.decode_mask = valid.view(len(decodes), 1, 1, max_len)
+                    self.decode_valid = torch.arange(max_len, device=device).unsqueeze(0) < lens.unsqueeze(1)
             self.decode_max_len = max_len
 
         self.prefills: list[_Prefill] = []
@@ -91,14 +93,43 @@ class PagedAttention:
             offset += c.length
 
     # ------------------------------------------------------------------ helpers
-    def _gather_decode(self, cache_tensor: torch.Tensor) -> torch.Tensor:
-        """Cached rows of every decode sequence: [num_decode, max_len, *entry]."""
+    def _gather_decode(self, cache_tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """Cached entries of every decode sequence, gathered along the slot dimension `dim`.
+
+        MLA latent [slots, E] (dim 0) -> [B, L, E]; dense [KVH, slots, D] (dim 1) -> [B, KVH, L, D].
+        """
         if self.decode_range is not None:
             first, length = self.decode_range
-            return cache_tensor[first : first + length].unsqueeze(0)
+            return cache_tensor.narrow(dim, first, length).unsqueeze(0)
         assert self.decode_slots is not None
-        rows = cache_tensor.index_select(0, self.decode_slots)
-        return rows.view(self.num_decode, self.decode_max_len, *cache_tensor.shape[1:])
+        rows = cache_tensor.index_select(dim, self.decode_slots)
+        if dim == 0:
+            return rows.view(self.num_decode, self.decode_max_len, *cache_tensor.shape[1:])
+        heads, _, width = rows.shape
+        return rows.view(heads, self.num_decode, self.decode_max_len, width).transpose(0, 1)
+
+    def _decode_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """One query token per sequence: q [B, H, D], k [B, KVH, L, D], v [B, KVH, L, Dv] -> [B, H, Dv].
+
+        On CUDA this is SDPA. On CPU, grouped matmuls + a float32 softmax: each KV head serves its query
+        group without repeating K/V, and it beats the CPU SDPA kernels for single-token queries.
+        """
+        batch, heads, _ = q.shape
+        kv_heads = k.shape[1]
+        if self.use_sdpa_decode:
+            mask = None if self.decode_valid is None else self.decode_valid.view(batch, 1, 1, -1)
+            out = F.scaled_dot_product_attention(
+                q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=kv_heads != heads
+            )
+            return out.squeeze(2)
+        grouped = q.reshape(batch, kv_heads, heads // kv_heads, q.shape[-1])
+        scores = torch.matmul(grouped, k.transpose(-1, -2)).float() * scale  # [B, KVH, G, L]
+        if self.decode_valid is not None:
+            scores = scores.masked_fill(~self.decode_valid.view(batch, 1, 1, -1), float("-inf"))
+        probs = scores.softmax(dim=-1).to(v.dtype)
+        return torch.matmul(probs, v).reshape(batch, heads, v.shape[-1])
 
     @staticmethod
     def _join(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -112,18 +143,15 @@ class PagedAttention:
     ) -> torch.Tensor:
         """query [1, H, T, D], key/value [1, KVH, T, D] -> [1, H, T, D]."""
         key_cache, value_cache = self.cache.key[layer_idx], self.cache.value[layer_idx]
-        key_cache.index_copy_(0, self.slot_mapping, key[0].transpose(0, 1).to(key_cache.dtype))
-        value_cache.index_copy_(0, self.slot_mapping, value[0].transpose(0, 1).to(value_cache.dtype))
+        key_cache.index_copy_(1, self.slot_mapping, key[0].to(key_cache.dtype))
+        value_cache.index_copy_(1, self.slot_mapping, value[0].to(value_cache.dtype))
         gqa = key.shape[1] != query.shape[1]
         parts = []
         if self.num_decode:
-            q = query[0, :, : self.num_decode].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
-            k = self._gather_decode(key_cache).transpose(1, 2)  # [B, KVH, L, D]
-            v = self._gather_decode(value_cache).transpose(1, 2)
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=self.decode_mask, scale=scale, enable_gqa=gqa
-            )  # [B, H, 1, D]
-            parts.append(out.squeeze(2).transpose(0, 1))
+            q = query[0, :, : self.num_decode].transpose(0, 1)  # [B, H, D]
+            k = self._gather_decode(key_cache, 1)  # [B, KVH, L, D]
+            v = self._gather_decode(value_cache, 1)
+            parts.append(self._decode_attention(q, k, v, scale).transpose(0, 1))  # [H, B, D]
         for p in self.prefills:
             q = query[:, :, p.offset : p.offset + p.length]
             if p.history_slots is None:
@@ -131,8 +159,8 @@ class PagedAttention:
                 v = value[:, :, p.offset : p.offset + p.length]
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
             else:
-                k = key_cache.index_select(0, p.history_slots).transpose(0, 1).unsqueeze(0)
-                v = value_cache.index_select(0, p.history_slots).transpose(0, 1).unsqueeze(0)
+                k = key_cache.index_select(1, p.history_slots).unsqueeze(0)  # [1, KVH, L, D]
+                v = value_cache.index_select(1, p.history_slots).unsqueeze(0)
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=p.mask, scale=scale, enable_gqa=gqa)
             parts.append(out[0])
         return self._join(parts)
@@ -160,14 +188,10 @@ class PagedAttention:
             w_key, w_value = weight[:, :nope], weight[:, nope:]  # [H, nope, r], [H, v, r]
             b = self.num_decode
             q_latent = torch.bmm(q_nope[0, :, :b], w_key)  # [H, B, r]: absorbed into latent space
-            q = (
-                torch.cat((q_latent, q_pe[0, :, :b]), dim=-1).transpose(0, 1).unsqueeze(2)
-            )  # [B, H, 1, r+rope]
-            rows = self._gather_decode(latent_cache).unsqueeze(1)  # [B, 1, L, r + rope]
-            out = F.scaled_dot_product_attention(
-                q, rows, rows[..., :rank], attn_mask=self.decode_mask, scale=scale, enable_gqa=True
-            )  # [B, H, 1, r]
-            parts.append(torch.bmm(out.squeeze(2).transpose(0, 1), w_value.transpose(1, 2)))  # [H, B, v]
+            q = torch.cat((q_latent, q_pe[0, :, :b]), dim=-1).transpose(0, 1)  # [B, H, r + rope]
+            rows = self._gather_decode(latent_cache, 0).unsqueeze(1)  # [B, 1, L, r + rope]: one shared "head"
+            out = self._decode_attention(q, rows, rows[..., :rank], scale)  # [B, H, r]
+            parts.append(torch.bmm(out.transpose(0, 1), w_value.transpose(1, 2)))  # [H, B, v]
         query = torch.cat((q_nope, q_pe), dim=-1) if self.prefills else None
         for p in self.prefills:
             assert query is not None
@@ -198,10 +222,14 @@ class PreparedBatch:
 class ModelRunner:
     """Runs the model for a step's chunks and returns the logits of the sequences that sample."""
 
-    def __init__(self, model: Transformer, cache: KVCache) -> None:
+    def __init__(self, model: Transformer, cache: KVCache, decode_backend: str = "auto") -> None:
+        if decode_backend not in ("auto", "sdpa", "matmul"):
+            raise ValueError(f"decode_backend: must be 'auto', 'sdpa' or 'matmul', got {decode_backend!r}")
         self.model = model
         self.cache = cache
         self.device = cache.device
+        # Decode attention: "sdpa" (CUDA default) or "matmul" (grouped matmuls, CPU default).
+        self.decode_backend = decode_backend
 
     def prepare(self, chunks: list[ScheduledChunk]) -> PreparedBatch:
         """Flatten chunks into one row of tokens plus attention metadata (reads sequence state)."""
@@ -217,7 +245,7 @@ class ModelRunner:
         return PreparedBatch(
             input_ids=torch.tensor([ids], dtype=torch.long, device=device),
             positions=torch.tensor([positions], dtype=torch.long, device=device),
-            attention=PagedAttention(self.cache, chunks),
+            attention=PagedAttention(self.cache, chunks, self.decode_backend),
             sample_index=torch.tensor(sample_index, dtype=torch.long, device=device),
         )
 
