@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fastapi import Request  # module level: the baseline's route annotations resolve against these globals
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_summary, print_table  # noqa: E402
 
@@ -136,21 +138,113 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- runs
-def run_in_process(model_dir: Path, work: list, max_num_seqs: int, device: str | None) -> dict[str, Any]:
-    """LLM.generate over the whole workload (after a warm-up)."""
-    from deepseek_core.engine import LLM, SamplingParams
+class InProcess:
+    """The engine without HTTP: LLM.generate (offline) or AsyncLLM (what the server wraps).
 
-    llm = LLM(str(model_dir), max_num_seqs=max_num_seqs, device=device)
-    llm.generate([w[0] for w in work[:2]], SamplingParams(max_tokens=4, ignore_eos=True))
-    params = [
-        SamplingParams(max_tokens=out, temperature=1.0, seed=seed, ignore_eos=True) for _, out, seed in work
+    Each run happens in a fresh worker process (`--in-process-worker`), like the servers, so no two engines
+    share a process (and its thread pools) with each other or with the benchmark's client.
+    """
+
+    def __init__(self, model_dir: Path, max_num_seqs: int, device: str | None, kind: str) -> None:
+        from deepseek_core.engine import LLM, AsyncLLM
+
+        if kind == "llm":
+            self.llm = LLM(str(model_dir), max_num_seqs=max_num_seqs, device=device)
+        else:
+            self.async_llm = AsyncLLM(str(model_dir), max_num_seqs=max_num_seqs, device=device)
+
+    @staticmethod
+    def _params(work: list) -> list:
+        from deepseek_core.engine import SamplingParams
+
+        return [
+            SamplingParams(max_tokens=out, temperature=1.0, seed=seed, ignore_eos=True)
+            for _, out, seed in work
+        ]
+
+    def run_llm(self, work: list) -> dict[str, Any]:
+        from deepseek_core.engine import SamplingParams
+
+        self.llm.generate([w[0] for w in work[:2]], SamplingParams(max_tokens=4, ignore_eos=True))
+        start = time.perf_counter()
+        outs = self.llm.generate([w[0] for w in work], self._params(work))
+        wall = time.perf_counter() - start
+        return {"wall": wall, "tokens": sum(len(o.token_ids) for o in outs), "ttft": [], "e2e": []}
+
+    def run_async(self, work: list) -> dict[str, Any]:
+        """All requests submitted at once to AsyncLLM, as the server does; TTFT = first token."""
+
+        async def one(prompt: list[int], params: Any) -> tuple[float, float, int]:
+            start = time.perf_counter()
+            first, tokens = None, 0
+            async for out in self.async_llm.generate(prompt, params):
+                if first is None and out.token_ids_delta:
+                    first = time.perf_counter()
+                tokens = len(out.token_ids)
+            end = time.perf_counter()
+            return (first or end) - start, end - start, tokens
+
+        async def main() -> dict[str, Any]:
+            await one(work[0][0][:16], self._params(work[:1])[0])  # warm-up
+            start = time.perf_counter()
+            results = await asyncio.gather(*(one(w[0], p) for w, p in zip(work, self._params(work))))
+            wall = time.perf_counter() - start
+            return _result(wall, results)
+
+        return asyncio.run(main())
+
+    def close(self) -> None:
+        if hasattr(self, "async_llm"):
+            self.async_llm.shutdown()
+
+
+def in_process_worker(
+    model_dir: Path, work_file: Path, max_num_seqs: int, device: str | None, kind: str
+) -> None:
+    """Worker mode: one in-process run; prints its result as JSON on the last line."""
+    work = [(w[0], w[1], w[2]) for w in json.loads(work_file.read_text())]
+    engine = InProcess(model_dir, max_num_seqs, device, kind)
+    try:
+        result = engine.run_llm(work) if kind == "llm" else engine.run_async(work)
+    finally:
+        engine.close()
+    print(json.dumps(result))
+
+
+def run_in_process(
+    model_dir: Path, work_file: Path, max_num_seqs: int, device: str | None, kind: str
+) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--in-process-worker",
+        kind,
+        "--model-dir",
+        str(model_dir),
+        "--work-file",
+        str(work_file),
+        "--max-num-seqs",
+        str(max_num_seqs),
     ]
-    start = time.perf_counter()
-    outs = llm.generate([w[0] for w in work], params)
-    wall = time.perf_counter() - start
-    tokens = sum(len(o.token_ids) for o in outs)
-    del llm
-    return {"wall": wall, "tokens": tokens, "ttft": [], "e2e": []}
+    done = subprocess.run(
+        cmd + (["--device", device] if device else []),
+        capture_output=True,
+        text=True,
+        timeout=7200,
+        start_new_session=True,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"in-process worker failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _result(wall: float, results: list[tuple[float, float, int]]) -> dict[str, Any]:
+    return {
+        "wall": wall,
+        "tokens": sum(r[2] for r in results),
+        "ttft": [r[0] for r in results],
+        "e2e": [r[1] for r in results],
+    }
 
 
 async def _client_run(base_url: str, work: list, model: str) -> dict[str, Any]:
@@ -195,15 +289,29 @@ async def _client_run(base_url: str, work: list, model: str) -> dict[str, Any]:
     results = await asyncio.gather(*(one(*w) for w in work))
     wall = time.perf_counter() - start
     await client.close()
-    return {
-        "wall": wall,
-        "tokens": sum(r[2] for r in results),
-        "ttft": [r[0] for r in results],
-        "e2e": [r[1] for r in results],
-    }
+    return _result(wall, results)
 
 
-def run_http(model_dir: Path, work: list, max_num_seqs: int, device: str | None) -> dict[str, Any]:
+class Served:
+    """A server subprocess (own process group) and the client run against it."""
+
+    def __init__(self, cmd: list[str], port: int, ready_path: str) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(cmd, start_new_session=True)
+        try:
+            wait_ready(self.url, self.proc, ready_path)
+        except BaseException:
+            stop(self.proc)
+            raise
+
+    def run(self, work: list) -> dict[str, Any]:
+        return asyncio.run(_client_run(self.url, work, "bench"))
+
+    def close(self) -> None:
+        stop(self.proc)
+
+
+def start_ours(model_dir: Path, max_num_seqs: int, device: str | None) -> Served:
     port = free_port()
     cmd = [
         sys.executable,
@@ -221,27 +329,13 @@ def run_http(model_dir: Path, work: list, max_num_seqs: int, device: str | None)
         "--log-level",
         "warning",
     ]
-    if device:
-        cmd += ["--device", device]
-    proc = subprocess.Popen(cmd, start_new_session=True)
-    try:
-        wait_ready(f"http://127.0.0.1:{port}", proc, "/ready")
-        return asyncio.run(_client_run(f"http://127.0.0.1:{port}", work, "bench"))
-    finally:
-        stop(proc)
+    return Served(cmd + (["--device", device] if device else []), port, "/ready")
 
 
-def run_hand_written(model_dir: Path, work: list, device: str | None) -> dict[str, Any]:
+def start_hand_written(model_dir: Path, device: str | None) -> Served:
     port = free_port()
     cmd = [sys.executable, __file__, "--baseline-server", "--model-dir", str(model_dir), "--port", str(port)]
-    if device:
-        cmd += ["--device", device]
-    proc = subprocess.Popen(cmd, start_new_session=True)
-    try:
-        wait_ready(f"http://127.0.0.1:{port}", proc, "/health")
-        return asyncio.run(_client_run(f"http://127.0.0.1:{port}", work, "bench"))
-    finally:
-        stop(proc)
+    return Served(cmd + (["--device", device] if device else []), port, "/health")
 
 
 # ---------------------------------------------------------------------------------------------- the baseline
@@ -251,7 +345,7 @@ def baseline_server(model_dir: Path, port: int, device: str | None) -> None:
 
     import torch
     import uvicorn
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.responses import StreamingResponse
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.generation.streamers import BaseStreamer
@@ -373,16 +467,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=None, help="where the random checkpoint is kept between runs")
     parser.add_argument("--skip-baseline", action="store_true", help="skip the hand-written server")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="interleaved rounds, best counts (default 2; quick 3)"
+    )
+    parser.add_argument(
+        "--baseline-rounds", type=int, default=1, help="rounds of the (slow) hand-written server"
+    )
     parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--in-process-worker", choices=["llm", "async"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--work-file", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.baseline_server:
         baseline_server(Path(args.model_dir), args.port, args.device)
         return 0
+    if args.in_process_worker:
+        in_process_worker(
+            Path(args.model_dir), Path(args.work_file), args.max_num_seqs, args.device, args.in_process_worker
+        )
+        return 0
 
     preset = args.preset or ("deepseek-tiny" if args.quick else "deepseek-134m")
     num = args.requests or (24 if args.quick else 64)
+    args.rounds = args.rounds or (3 if args.quick else 2)
     prompt_range, output_range = ((16, 256), (16, 128)) if args.quick else ((16, 512), (16, 256))
     cache = Path(args.cache_dir or Path(tempfile.gettempdir()) / "deepseek-bench-serve")
     model_dir = build_checkpoint(preset, cache / preset)
@@ -399,14 +507,38 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
-    runs: dict[str, dict[str, Any]] = {}
-    print("in-process engine ...", flush=True)
-    runs["in-process"] = run_in_process(model_dir, work, args.max_num_seqs, args.device)
-    print("deepseek-core serve over HTTP ...", flush=True)
-    runs["http (deepseek-core serve)"] = run_http(model_dir, work, args.max_num_seqs, args.device)
+    if os.getloadavg()[0] > (os.cpu_count() or 1):
+        print(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: figures are noisy")
+    names = ["in-process LLM.generate", "in-process AsyncLLM", "http (deepseek-core serve)"]
     if not args.skip_baseline:
-        print("hand-written FastAPI + transformers.generate ...", flush=True)
-        runs["hand-written (FastAPI+generate)"] = run_hand_written(model_dir, work, args.device)
+        names.append("hand-written (FastAPI+generate)")
+    best: dict[str, dict[str, Any]] = {}
+    work_file = cache / f"work-{preset}-{num}-{args.seed}.json"
+    work_file.write_text(json.dumps(work))
+    ours = start_ours(model_dir, args.max_num_seqs, args.device)
+    base = None if args.skip_baseline else start_hand_written(model_dir, args.device)
+    runners = {
+        names[0]: lambda w: run_in_process(model_dir, work_file, args.max_num_seqs, args.device, "llm"),
+        names[1]: lambda w: run_in_process(model_dir, work_file, args.max_num_seqs, args.device, "async"),
+        names[2]: ours.run,
+    }
+    if base is not None:
+        runners[names[3]] = base.run
+    try:
+        # Rounds alternate between the configurations so machine noise hits them alike; the best round counts.
+        for r in range(args.rounds):
+            for name, run in runners.items():
+                if name == names[-1] and base is not None and r >= args.baseline_rounds:
+                    continue
+                print(f"round {r + 1}/{args.rounds}: {name} ...", flush=True)
+                result = run(work)
+                if name not in best or result["wall"] < best[name]["wall"]:
+                    best[name] = result
+    finally:
+        ours.close()
+        if base is not None:
+            base.close()
+    runs = best
 
     rows = []
     for name, r in runs.items():
@@ -425,21 +557,22 @@ def main(argv: list[str] | None = None) -> int:
         if r["tokens"] != total_out:
             print(f"warning: {name} generated {r['tokens']} tokens, expected {total_out}")
     print_table(rows)
-    ours, ceiling = runs["http (deepseek-core serve)"], runs["in-process"]
+    http = runs["http (deepseek-core serve)"]
     tput = {name: r["tokens"] / r["wall"] for name, r in runs.items()}
-    ratio = tput["http (deepseek-core serve)"] / tput["in-process"]
+    ceiling = max(tput[names[0]], tput[names[1]])
+    ratio = tput["http (deepseek-core serve)"] / ceiling
     print(
-        f"http / in-process throughput: {ratio:.2f} (goal >= 0.90) {'OK' if ratio >= 0.9 else 'BELOW GOAL'}"
+        f"http / in-process throughput (the faster in-process run): {ratio:.2f} (goal >= 0.90) "
+        f"{'OK' if ratio >= 0.9 else 'BELOW GOAL'}"
     )
-    base = runs.get("hand-written (FastAPI+generate)")
-    if base is not None:
+    baseline = runs.get("hand-written (FastAPI+generate)")
+    if baseline is not None:
         speedup = tput["http (deepseek-core serve)"] / tput["hand-written (FastAPI+generate)"]
-        p99_ours, p99_base = _pct(ours["e2e"], 0.99), _pct(base["e2e"], 0.99)
+        p99_ours, p99_base = _pct(http["e2e"], 0.99), _pct(baseline["e2e"], 0.99)
         print(
             f"http / hand-written throughput: {speedup:.2f}x (goal >= 3x) {'OK' if speedup >= 3 else 'BELOW GOAL'}; "
             f"p99 latency {p99_ours:.2f}s vs {p99_base:.2f}s ({'equal or lower' if p99_ours <= p99_base else 'HIGHER'})"
         )
-    del ceiling
     return 0
 
 

@@ -202,7 +202,7 @@ def create_app(
     app = FastAPI(title="DeepSeek OpenAI-compatible API", version=_version(), lifespan=lifespan)
     app.state.ctx = ctx
     app.add_middleware(APIGuard, ctx=ctx)
-    _install_error_handlers(app, ctx)
+    install_error_handlers(app)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -272,7 +272,9 @@ def _engine_capacity(engine: Engine) -> int | None:
     return None
 
 
-def _install_error_handlers(app: FastAPI, ctx: ServingContext) -> None:
+def install_error_handlers(app: FastAPI, ctx: ServingContext | None = None) -> None:
+    """Answer every error in OpenAI's shape (also used by deepseek-cne's gateway); notes it on the audit record."""
+
     @app.exception_handler(OpenAIError)
     async def openai_error(request: Request, exc: OpenAIError) -> Response:
         _note_error(request, exc.message)

@@ -34,6 +34,7 @@ class AuditRecord:
     client_disconnected: bool = False
     prompt_text: Any = None
     completion_text: list[str] | None = None
+    tenant: str | None = None  # set by multi-tenant gateways (deepseek-cne); written only when set
 
 
 class AuditLog:
@@ -71,6 +72,8 @@ class AuditLog:
             line["finish_reasons"] = record.finish_reasons
         if record.error:
             line["error"] = record.error
+        if record.tenant is not None:
+            line["tenant"] = record.tenant
         if self.include_text:
             line["prompt"] = record.prompt_text
             line["completion"] = record.completion_text

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -75,7 +75,7 @@ class SequenceRunner:
         self.metrics = metrics
         self.arrival = arrival
 
-    async def stream(self) -> AsyncIterator[tuple[SequenceState, Any]]:
+    async def stream(self) -> AsyncGenerator[tuple[SequenceState, Any], None]:
         """Yield (state, output) for every engine delta of every sequence; close it to abort the rest."""
         for state in self.states:
             self.metrics.prompt_tokens.inc(len(state.job.prompt_ids))
@@ -97,7 +97,7 @@ class SequenceRunner:
         finally:
             self.abort_unfinished()
 
-    async def _merged(self) -> AsyncIterator[tuple[SequenceState, Any]]:
+    async def _merged(self) -> AsyncGenerator[tuple[SequenceState, Any], None]:
         """Interleave the sequences' streams in arrival order."""
         queue: asyncio.Queue[tuple[SequenceState, Any, BaseException | None]] = asyncio.Queue()
         done_marker = object()

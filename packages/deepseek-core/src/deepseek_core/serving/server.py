@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import signal
 from types import FrameType
 from typing import Any
@@ -54,7 +55,7 @@ def run_server(
         port=port,
         log_level=log_level,
         access_log=access_log,
-        timeout_graceful_shutdown=drain_timeout,
+        timeout_graceful_shutdown=math.ceil(drain_timeout),
         timeout_keep_alive=5,
         backlog=4096,
         lifespan="on",
