@@ -201,3 +201,69 @@ def test_cli_errors_name_the_problem(tmp_path, capsys) -> None:  # type: ignore[
     empty.write_text("")
     assert cli.main(["serve", "--model", "x", "--api-key-file", str(empty)]) == 2
     assert "no keys" in capsys.readouterr().err
+
+
+def _context(max_waiting: int | None, capacity: int | None, waiting: int = 0, running: bool = True):  # type: ignore[no-untyped-def]
+    from types import SimpleNamespace
+
+    from deepseek_core.serving.context import ServingContext
+
+    engine = SimpleNamespace(
+        tokenizer=None,
+        is_running=running,
+        stats=lambda: SimpleNamespace(running=0, waiting=waiting, kv_cache_usage=0.0),
+    )
+    return ServingContext(
+        engine=engine,  # type: ignore[arg-type]
+        served_model_name="m",
+        metrics=ServerMetrics("m"),
+        auth=APIKeyChecker(None),
+        sampling_params_cls=dict,
+        max_model_len=64,
+        vocab_size=100,
+        max_waiting=max_waiting,
+        capacity=capacity,
+    )
+
+
+def test_admission_counts_waiting_sequences_and_refuses_the_excess() -> None:
+    ctx = _context(max_waiting=2, capacity=4)
+    ctx.admit(4)  # fills the running slots
+    ctx.admit(2)  # two waiting: at the limit
+    with pytest.raises(OpenAIError) as info:
+        ctx.admit(1)
+    assert info.value.status_code == 429 and info.value.headers["Retry-After"] == "1"
+    ctx.release(3)
+    ctx.admit(3)
+    assert ctx.inflight_seqs == 6
+    with pytest.raises(OpenAIError) as info:  # can never fit: a 400, not an endless 429
+        _context(max_waiting=2, capacity=4).admit(7)
+    assert info.value.status_code == 400 and info.value.param == "n"
+    # The engine's own waiting queue counts too (e.g. when its KV cache, not max_num_seqs, is the limit).
+    with pytest.raises(OpenAIError):
+        _context(max_waiting=2, capacity=4, waiting=2).admit(1)
+    _context(max_waiting=None, capacity=4, waiting=100).admit(50)  # unbounded
+
+
+def test_draining_and_dead_engine_refuse_with_503() -> None:
+    import asyncio
+
+    ctx = _context(max_waiting=None, capacity=4)
+    ctx.admit(1)
+
+    async def drain_then_release() -> bool:
+        task = asyncio.create_task(ctx.drain(timeout=5))
+        await asyncio.sleep(0.01)
+        with pytest.raises(OpenAIError) as info:
+            ctx.admit(1)
+        assert info.value.status_code == 503 and info.value.code == "shutting_down"
+        ctx.release(1)
+        return await task
+
+    assert asyncio.run(drain_then_release()) is True
+    stuck = _context(max_waiting=None, capacity=4)
+    stuck.admit(1)
+    assert asyncio.run(stuck.drain(timeout=0.05)) is False  # gives up after the timeout
+    with pytest.raises(OpenAIError) as info:
+        _context(max_waiting=None, capacity=4, running=False).admit(1)
+    assert info.value.status_code == 503

@@ -56,19 +56,39 @@ class ServingContext:
             )
 
     def waiting_estimate(self, extra: int = 0) -> int:
-        """Sequences that would be waiting for the engine with `extra` more admitted."""
-        engine_waiting = 0
+        """Sequences that would be waiting for the engine with `extra` more admitted.
+
+        The server's own count (in flight beyond the engine's max_num_seqs) is exact and immediate; the
+        engine's waiting queue adds the cases where the KV cache, not max_num_seqs, is the limit: while
+        anything waits there, new sequences wait too.
+        """
+        own = self.inflight_seqs + extra - self.capacity if self.capacity is not None else 0
         try:
             engine_waiting = int(getattr(self.engine.stats(), "waiting", 0))
         except Exception:  # stats are advisory here
             engine_waiting = 0
-        own = self.inflight_seqs + extra - self.capacity if self.capacity is not None else 0
-        return max(own, engine_waiting + extra)
+        return max(own, engine_waiting + extra) if engine_waiting > 0 else own
 
     def admit(self, num_seqs: int) -> None:
         """Reserve `num_seqs` sequences, or raise 429 (with Retry-After) when the waiting queue is full."""
         if self.draining:
             raise draining_error()
+        if getattr(self.engine, "is_running", True) is False:
+            raise OpenAIError(
+                503, "the engine is not running", code="engine_unavailable", headers={"Retry-After": "5"}
+            )
+        if (
+            self.max_waiting is not None
+            and self.capacity is not None
+            and num_seqs > self.capacity + self.max_waiting
+        ):
+            raise OpenAIError(
+                400,
+                f"n: this request needs {num_seqs} sequences, more than this server admits at once "
+                f"({self.capacity} running + {self.max_waiting} waiting)",
+                param="n",
+                code="invalid_value",
+            )
         if self.max_waiting is not None and self.waiting_estimate(num_seqs) > self.max_waiting:
             raise OpenAIError(
                 429,

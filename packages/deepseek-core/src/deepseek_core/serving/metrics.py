@@ -32,7 +32,9 @@ _LATENCY_BUCKETS = (
 _TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-LATENCY_BUCKETS = _LATENCY_BUCKETS  # public: other servers over the engine (deepseek-cne's gateway) reuse them
+LATENCY_BUCKETS = (
+    _LATENCY_BUCKETS  # public: other servers over the engine (deepseek-cne's gateway) reuse them
+)
 
 
 class ServerMetrics:
