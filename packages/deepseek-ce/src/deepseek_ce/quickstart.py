@@ -73,7 +73,7 @@ def run_quickstart(
     progress_bar: bool = True,
     echo: Callable[[str], None] = print,
 ) -> QuickstartResult:
-    """Run the quickstart end to end (see the module docstring); `max_steps` overrides the time-based count."""
+    """Run the quickstart end to end (see the module docstring); `max_steps` replaces the time budget."""
     if not minutes > 0:
         raise ValueError(f"minutes: must be > 0, got {minutes}")
     if corpus_mb <= 0:
@@ -128,7 +128,8 @@ def run_quickstart(
         eval_every=max(1, max_steps // 4),
         save_every=max(1, max_steps // 2),
         log_every=max(1, max_steps // 20),
-        max_time_s=budget_s * 1.1,  # a hard stop in case the machine is slower than measured
+        # A time-based run stops hard in case the machine turns slower than measured; a fixed step count does not.
+        max_time_s=None if fixed_steps else budget_s * 1.1,
     )
     plan = f"{max_steps} steps" if fixed_steps else f"~{minutes:g} min: {max_steps} steps"
     echo(
