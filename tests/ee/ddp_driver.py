@@ -46,7 +46,7 @@ def training_config(args: argparse.Namespace) -> TrainingConfig:
     """The hyper-parameters the tests compare runs with."""
     return TrainingConfig(
         max_steps=args.max_steps, batch_size=args.batch_size, seq_len=SEQ_LEN, learning_rate=1e-3, warmup_steps=2,
-        grad_accum_steps=args.grad_accum, save_every=args.save_every, keep_last=2, eval_every=0, log_every=2,
+        grad_accum_steps=args.grad_accum, save_every=args.save_every, keep_last=2, eval_every=args.eval_every, log_every=2,
         seed=7, progress_bar=False, max_grad_norm=1.0,
     )  # fmt: skip
 
@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strategy", default="ddp")
     parser.add_argument("--tracking-uri", default=None)
     parser.add_argument("--no-resume", action="store_true")
+    parser.add_argument("--eval", action="store_true", help="evaluate on 10 held-out sequences")
+    parser.add_argument("--eval-every", type=int, default=0)
     return parser
 
 
@@ -90,16 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     tracking = {"tracking_uri": args.tracking_uri, "experiment": "ddp-test"} if args.tracking_uri else None
     trainer = DistributedTrainer(
         model=tiny_model(), train_data=token_dataset(), config=training_config(args), output_dir=out,
+        eval_data=token_dataset(num_sequences=10, seed=9) if args.eval else None,
         num_nodes=args.num_nodes, gpus_per_node=args.gpus_per_node, strategy=args.strategy, accelerator="cpu",
         tracking=tracking, collective_timeout_s=args.collective_timeout, peer_timeout_s=args.peer_timeout,
         callbacks=[_Progress(str(out / "progress-rank{rank}.txt"), args.step_delay)], echo=True,
     )  # fmt: skip
     result = trainer.fit(resume=not args.no_resume)
     weights = {k: v.detach().cpu().clone() for k, v in trainer.module.state_dict().items()}
-    torch.save(
-        {"weights": weights, "steps": result.steps, "world_size": result.world_size},
-        out / f"weights-rank{result.global_rank}.pt",
-    )
+    record = {"weights": weights, "steps": result.steps, "world_size": result.world_size, "eval_loss": result.eval_loss}
+    torch.save(record, out / f"weights-rank{result.global_rank}.pt")
     print(f"rank {result.global_rank}: done at step {result.steps}", file=sys.stderr, flush=True)
     return 0
 

@@ -8,6 +8,7 @@ global batch.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -65,10 +66,8 @@ def start_driver(out: Path, *args: str, log: Path, **env: str) -> subprocess.Pop
 
 def stop_group(proc: subprocess.Popen[bytes]) -> None:
     """Kill the process group of `proc` (the driver and anything it started) if still there."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     proc.wait(timeout=30)
 
 
@@ -99,13 +98,18 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)["weights"]
 
 
+def load_eval_loss(path: Path) -> float | None:
+    return torch.load(path, weights_only=True)["eval_loss"]
+
+
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
 def driver_args(max_steps: int = MAX_STEPS) -> list[str]:
-    return ["--max-steps", str(max_steps)]
+    """Steps, plus evaluation on 10 held-out sequences (uneven over 2 ranks) at step 3 and at the end."""
+    return ["--max-steps", str(max_steps), "--eval", "--eval-every", "3"]
 
 
 # ---------------------------------------------------------------------------------------------- reference
@@ -142,14 +146,17 @@ def driver_config(batch_size: int, max_steps: int = MAX_STEPS) -> TrainingConfig
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
-    """Weights of one process (in this pytest process) training on the whole global batch."""
+def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One process (in this pytest process) training on the whole global batch; its output directory."""
     out = tmp_path_factory.mktemp("single")
-    assert (
-        ddp_driver.main(["--out", str(out), "--batch-size", str(GLOBAL_BATCH), "--max-steps", str(MAX_STEPS)])
-        == 0
-    )
-    return load_weights(out / "weights-rank0.pt")
+    assert ddp_driver.main(["--out", str(out), "--batch-size", str(GLOBAL_BATCH), *driver_args()]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run: Path) -> dict[str, torch.Tensor]:
+    """Weights of the single-process run."""
+    return load_weights(reference_run / "weights-rank0.pt")
 
 
 # ---------------------------------------------------------------------------------------------- unit tests
@@ -189,12 +196,24 @@ def test_eval_batches_cover_every_sequence_once() -> None:
     assert sorted(seen) == sorted(data[i]["input_ids"].tolist() for i in range(11))
 
 
-def test_single_process_matches_core_primitives_loop(reference: dict[str, torch.Tensor]) -> None:
+def test_single_process_matches_core_primitives_loop(
+    reference: dict[str, torch.Tensor], reference_run: Path
+) -> None:
     """The Lightning module trains exactly as a loop over core's primitives (= the CE Trainer's loop)."""
     plain = plain_loop_weights(driver_config(GLOBAL_BATCH))
     untrained = ddp_driver.tiny_model().state_dict()
     assert max_diff(reference, untrained) > 1e-3  # it did train
     assert max_diff(reference, plain) < 1e-6
+    # evaluated at step 3 (eval_every) and after the last step, on all 10 held-out sequences
+    log = (reference_run / "train.log").read_text()
+    assert "eval step 3 |" in log and f"eval step {MAX_STEPS} |" in log
+    model = ddp_driver.tiny_model()
+    model.load_state_dict(plain)
+    held_out = ddp_driver.token_dataset(num_sequences=10, seed=9)
+    input_ids, labels = fetch_batch(held_out, torch.arange(10))
+    with torch.no_grad():
+        expected = float(lm_loss(model(input_ids), labels))
+    assert abs(load_eval_loss(reference_run / "weights-rank0.pt") - expected) < 1e-5
 
 
 def test_invalid_arguments_name_the_parameter() -> None:
@@ -205,12 +224,27 @@ def test_invalid_arguments_name_the_parameter() -> None:
         DistributedTrainer(model, data, accelerator="cpu", backend="nccl")
     with pytest.raises(ValueError, match="strategy"):
         DistributedTrainer(model, data, strategy="zero3")
+    with pytest.raises(ValueError, match="strategy: 'fsdp' needs GPUs"):
+        DistributedTrainer(model, data, strategy="fsdp", accelerator="cpu")
     with pytest.raises(ValueError, match="gpus_per_node"):
         DistributedTrainer(model, data, gpus_per_node=0)
     with pytest.raises(ValueError, match="precision"):
         DistributedTrainer(model, data, precision="fp8")
     with pytest.raises(Exception, match="train_data"):
         DistributedTrainer(model, "/nonexistent/corpus.txt")
+
+
+def test_fsdp_export_writes_the_gathered_full_state_dict(tmp_path: Path) -> None:
+    """FSDP gathers a full state dict on rank 0 ("transformer."-prefixed); it is exported without a model copy."""
+    from deepseek_core import load_model
+    from deepseek_ee import DistributedTrainer
+
+    source = ddp_driver.tiny_model(seed=5)
+    trainer = DistributedTrainer(ddp_driver.tiny_model(), ddp_driver.token_dataset(), output_dir=tmp_path)
+    gathered = {f"transformer.{k}": v.clone() for k, v in source.state_dict().items()}
+    exported = trainer._export(gathered)
+    loaded = load_model(exported, dtype=torch.float32, device="cpu").state_dict()
+    assert max_diff(loaded, source.state_dict()) == 0.0
 
 
 def test_watchdog_names_a_rank_whose_heartbeat_stopped() -> None:
@@ -249,7 +283,7 @@ def test_watchdog_names_a_rank_whose_heartbeat_stopped() -> None:
 # ---------------------------------------------------------------------------------------------- multi-process
 @pytest.mark.integration
 def test_one_node_two_processes_matches_single_process(
-    tmp_path: Path, reference: dict[str, torch.Tensor]
+    tmp_path: Path, reference: dict[str, torch.Tensor], reference_run: Path
 ) -> None:
     """devices=2 on CPU: Lightning's launcher starts rank 1; both ranks end with the single-process weights."""
     log = tmp_path / "driver.log"
@@ -263,6 +297,13 @@ def test_one_node_two_processes_matches_single_process(
     ranks = [load_weights(tmp_path / f"weights-rank{r}.pt") for r in (0, 1)]
     assert max_diff(ranks[0], ranks[1]) == 0.0  # DDP keeps replicas identical
     assert max_diff(ranks[0], reference) < TOLERANCE
+    # eval: each rank a disjoint share (5 + 5 of 10, padded batches), summed over ranks = one process's loss
+    assert (
+        abs(
+            load_eval_loss(tmp_path / "weights-rank0.pt") - load_eval_loss(reference_run / "weights-rank0.pt")
+        )
+        < TOLERANCE
+    )
     assert (tmp_path / "final" / "model.safetensors").is_file()  # rank 0 exported the HF checkpoint
     assert "2 process(es) (1 node(s) x 2 cpu)" in (tmp_path / "train.log").read_text()
 

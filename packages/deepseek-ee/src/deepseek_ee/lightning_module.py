@@ -210,14 +210,18 @@ class CausalLMModule(pl.LightningModule):
         self._step_loss = loss
         self._step_lr = float(optimizer.param_groups[0]["lr"] or 0.0)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """After an optimizer step: record its metrics."""
-        if self._step_loss is None:  # a micro-batch inside an accumulation window
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
+    ) -> None:
+        """Step (Lightning runs the closure: forward, backward, clipping), then record the step's metrics
+        here, before any callback's on_train_batch_end looks at them."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self._step_loss is None:  # the closure skipped the step
             return
         now = time.perf_counter()
         elapsed = max(now - (self._last_step_time or now), 1e-9)
         self._last_step_time = now
-        step = int(self.trainer.global_step)
+        step = int(self.trainer.global_step) + 1  # Lightning counts the step once this hook returns
         self.loss_history.append((step, self._step_loss))
         self.step_metrics.append(
             StepMetrics(

@@ -153,6 +153,10 @@ class DistributedTrainer:
         self.backend = backend or ("nccl" if use_gpu else "gloo")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend: must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if strategy == "fsdp" and not use_gpu:
+            raise ValueError(
+                "strategy: 'fsdp' needs GPUs (Lightning's FSDPStrategy is CUDA-only); use 'ddp' on CPU"
+            )
         if self.backend == "nccl" and not use_gpu:
             raise ValueError(
                 "backend: 'nccl' needs GPUs; use 'gloo' on CPU (no GPU was found or accelerator='cpu')"
@@ -266,8 +270,10 @@ class DistributedTrainer:
             layer_class=self._layer_class(), find_unused_parameters=moe,
         )  # fmt: skip
         callbacks, _ = self._callbacks()
-        evaluating = self.eval_dataset is not None and cfg.eval_every > 0
+        has_eval = self.eval_dataset is not None
         micro_per_step = cfg.grad_accum_steps
+        # Lightning counts micro-batches; eval_every=0 evaluates only once training is done.
+        every = cfg.eval_every if cfg.eval_every > 0 else cfg.max_steps + 1
         return pl.Trainer(
             accelerator=self.accelerator,
             devices=self.devices_per_node,
@@ -279,9 +285,9 @@ class DistributedTrainer:
             max_time=timedelta(seconds=cfg.max_time_s) if cfg.max_time_s else None,
             accumulate_grad_batches=cfg.grad_accum_steps,
             gradient_clip_val=None,  # CausalLMModule.configure_gradient_clipping clips (and records the norm)
-            val_check_interval=cfg.eval_every * micro_per_step if evaluating else None,
+            val_check_interval=every * micro_per_step if has_eval else None,
             check_val_every_n_epoch=None,
-            limit_val_batches=None if evaluating else 0,
+            limit_val_batches=None if has_eval else 0,
             num_sanity_val_steps=0,
             use_distributed_sampler=False,  # RankBatches / EvalBatches shard the data themselves
             callbacks=callbacks,
@@ -454,12 +460,9 @@ class DistributedTrainer:
         config = getattr(self.module, "config", None)
         if config is None:
             raise ValueError("model: FSDP export needs a deepseek_core Transformer (with .config)")
-        from deepseek_core import Transformer
-
-        with torch.device("meta"):
-            fresh = Transformer(config)
-        fresh.load_state_dict(weights, strict=True, assign=True)
-        return save_model(fresh, target, tokenizer=self.tokenizer)
+        # The gathered full state dict is already on the CPU: save it as is rather than building a second
+        # full copy of the model just to call state_dict() on it.
+        return save_model(_GatheredModel(config, weights), target, tokenizer=self.tokenizer)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ tracking and logs
     def _run_params(self, trainer: pl.Trainer) -> dict[str, Any]:
@@ -522,6 +525,21 @@ class DistributedTrainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with open(self.output_dir / LOG_FILE, "a", encoding="utf-8") as handle:
             handle.write(line + "\n")
+
+
+class _GatheredModel:
+    """What save_model reads from a model (config, state_dict(), dtype), over an FSDP-gathered state dict."""
+
+    def __init__(self, config: Any, state: dict[str, torch.Tensor]) -> None:
+        self.config = config
+        self._state = state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next((t.dtype for t in self._state.values() if t.is_floating_point()), torch.float32)
 
 
 def _tracking_settings(tracking: Any) -> TrackingConfig | None:
