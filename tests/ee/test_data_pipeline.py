@@ -29,7 +29,41 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 pytestmark = pytest.mark.integration
 
-WORDS = ["the", "of", "and", "data", "token", "shard", "worker", "cluster", "pipeline", "model", "train", "text", "corpus", "quick", "brown", "fox", "lazy", "dog", "über", "café", "naïve", "数据", "管道", "模型", "🙂", "2024", "3.14", "don't", "it's", "(x)", "[y]", "{z}", "#tag"]
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "data",
+    "token",
+    "shard",
+    "worker",
+    "cluster",
+    "pipeline",
+    "model",
+    "train",
+    "text",
+    "corpus",
+    "quick",
+    "brown",
+    "fox",
+    "lazy",
+    "dog",
+    "über",
+    "café",
+    "naïve",
+    "数据",
+    "管道",
+    "模型",
+    "🙂",
+    "2024",
+    "3.14",
+    "don't",
+    "it's",
+    "(x)",
+    "[y]",
+    "{z}",
+    "#tag",
+]
 CLI = "import sys; from deepseek_ee.cli import main; sys.exit(main())"
 
 
@@ -295,6 +329,34 @@ def test_killed_run_resumes_without_redoing_finished_shards(
     ]
     np.testing.assert_array_equal(stream(out), reference_tokens(files, tokenizer))
     assert not list(out.glob(".shard-*.tmp"))
+
+
+def test_rerun_redoes_only_changed_inputs_and_damaged_shards(
+    corpus: Path, tokenizer_dir: Path, tokenizer: Tokenizer, dask_client: object, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(3)
+    for i in range(8):  # 700-900 bytes each: with chunk_bytes=1000 every file is a task of its own
+        records = [json.dumps({"text": _paragraph(rng, 12)[:70].ljust(70, ".")}) for _ in range(10)]
+        (src / f"f{i}.jsonl").write_text("\n".join(records) + "\n")
+    out = tmp_path / "ds"
+    kwargs = {"client": dask_client, "chunk_bytes": 1024, "progress": False}
+    first = prepare_dataset(str(src), out, tokenizer_dir, **kwargs)
+    assert len(first.shards) == 8
+    stamps = {s.file: (out / s.file).stat().st_mtime_ns for s in first.shards}
+    by_source = {s.sources[0]: s.file for s in first.shards}
+    files = sorted(src.iterdir())
+    changed, damaged = files[2], by_source[str(files[5])]
+    with changed.open("a") as handle:
+        handle.write(json.dumps({"text": "one more record"}) + "\n")
+    with (out / damaged).open("r+b") as handle:
+        handle.truncate(2)
+
+    second = prepare_dataset(str(src), out, tokenizer_dir, **kwargs)
+    rewritten = {s.file for s in second.shards if (out / s.file).stat().st_mtime_ns != stamps.get(s.file)}
+    assert rewritten == {by_source[str(changed)], damaged}
+    np.testing.assert_array_equal(stream(out), reference_tokens(files, tokenizer, append_eos=False))
 
 
 # ---------------------------------------------------------------------- bad input

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import contextlib
 import hashlib
 import json
 import logging
@@ -37,7 +38,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-import contextlib
 
 from _common import print_table  # noqa: E402
 
@@ -190,6 +190,21 @@ def stream_sha256(directory: Path) -> str:
     return digest.hexdigest()
 
 
+def _tree_cpu(dead_children: bool = False) -> float:
+    """CPU seconds (user + system) of this process and its live descendants (workers); with
+    `dead_children`, also of descendants that have exited (a LocalCluster that was closed)."""
+    import psutil
+
+    total = 0.0
+    for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = proc.cpu_times()
+            total += times.user + times.system
+            if dead_children and proc.pid == os.getpid():
+                total += times.children_user + times.children_system
+    return total
+
+
 # ---------------------------------------------------------------------- memory sampling
 class TreeSampler(threading.Thread):
     """Peak summed RSS of a process and all its descendants, sampled every `interval` seconds."""
@@ -253,21 +268,21 @@ def speed(work: Path, tok_dir: Path, size: int, workers: int, gen: TextGen) -> l
     nbytes = sum(f.stat().st_size for f in files)
     print(f"speed corpus: {len(files)} files, {human(nbytes)}", flush=True)
 
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     n_base = baseline_loop(files, tok_dir, work / "baseline.bin")
-    t_base = time.perf_counter() - t
+    t_base, c_base = time.perf_counter() - t, time.process_time() - c
     base_sha = hashlib.sha256((work / "baseline.bin").read_bytes()).hexdigest()
     print(f"  baseline loop: {t_base:.1f}s", flush=True)
 
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     n_batch = encode_batch_loop(files, tok_dir)
-    t_batch = time.perf_counter() - t
+    t_batch, c_batch = time.perf_counter() - t, time.process_time() - c
     print(f"  encode_batch (thread pool): {t_batch:.1f}s", flush=True)
 
-    t = time.perf_counter()
+    t, c = time.perf_counter(), _tree_cpu(dead_children=True)
     index = prepare_dataset([str(f) for f in files], work / "e2e", tok_dir, n_workers=workers, progress=False)
-    t_e2e = time.perf_counter() - t
+    t_e2e, c_e2e = time.perf_counter() - t, _tree_cpu(dead_children=True) - c
     print(f"  pipeline end to end: {t_e2e:.1f}s", flush=True)
     same_e2e = index.total_tokens == n_base and stream_sha256(work / "e2e") == base_sha
 
@@ -275,25 +290,26 @@ def speed(work: Path, tok_dir: Path, size: int, workers: int, gen: TextGen) -> l
                            silence_logs=logging.CRITICAL, env={"TOKENIZERS_PARALLELISM": "false"})  # fmt: skip
     with Client(cluster) as client:
         client.run(__import__, "deepseek_ee.data.worker")  # warm: imports done, as on a long-lived cluster
-        t = time.perf_counter()
+        t, c = time.perf_counter(), _tree_cpu()
         index = prepare_dataset(
             [str(f) for f in files], work / "warm", tok_dir, client=client, progress=False
         )
-        t_warm = time.perf_counter() - t
+        t_warm, c_warm = time.perf_counter() - t, _tree_cpu() - c
     cluster.close()
     print(f"  pipeline on a running cluster: {t_warm:.1f}s", flush=True)
     same_warm = index.total_tokens == n_base and stream_sha256(work / "warm") == base_sha
 
     rows = []
-    for name, seconds, count, same in (
-        ("baseline: single-process encode() loop", t_base, n_base, True),
-        ("single-process encode_batch (all cores)", t_batch, n_batch, n_batch == n_base),
-        (f"pipeline {workers} workers, end to end", t_e2e, n_base, same_e2e),
-        (f"pipeline {workers} workers, running cluster", t_warm, n_base, same_warm),
+    for name, seconds, cpu, count, same in (
+        ("baseline: single-process encode() loop", t_base, c_base, n_base, True),
+        ("single-process encode_batch (all cores)", t_batch, c_batch, n_batch, n_batch == n_base),
+        (f"pipeline {workers} workers, end to end", t_e2e, c_e2e, n_base, same_e2e),
+        (f"pipeline {workers} workers, running cluster", t_warm, c_warm, n_base, same_warm),
     ):
         rows.append({
             "case": name,
             "seconds": f"{seconds:.1f}",
+            "CPU s": f"{cpu:.1f}",
             "tokens/s": f"{count / seconds:,.0f}",
             "MB/s": f"{nbytes / seconds / 1e6:.2f}",
             "vs baseline": f"{t_base / seconds:.2f}x",

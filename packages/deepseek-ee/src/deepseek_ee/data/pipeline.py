@@ -66,8 +66,8 @@ def prepare_dataset(
         raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
-    if chunk_bytes < 1:
-        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    if chunk_bytes < 1024:
+        raise ValueError(f"chunk_bytes must be >= 1024, got {chunk_bytes}")
     if n_workers < 1:
         raise ValueError(f"n_workers must be >= 1, got {n_workers}")
     if dtype is not None and dtype not in DTYPES:
@@ -285,12 +285,15 @@ def _load_markers(
             summary = json.loads(path.read_text(encoding="utf-8"))
         except (FileNotFoundError, json.JSONDecodeError):
             continue
-        if summary.get("fingerprint") != fingerprints[task.task_id] or summary.get("kind") != task.kind:
+        try:
+            if summary["fingerprint"] != fingerprints[task.task_id] or summary["kind"] != task.kind:
+                continue
+            intact = all(
+                (out / s["file"]).is_file() and (out / s["file"]).stat().st_size == s["tokens"] * itemsize
+                for s in summary["shards"]
+            )
+        except (KeyError, TypeError):  # a marker from another version or tampered with: redo the task
             continue
-        intact = all(
-            (out / s["file"]).is_file() and (out / s["file"]).stat().st_size == s["tokens"] * itemsize
-            for s in summary["shards"]
-        )
         if intact:
             done[task.task_id] = summary
     return done
