@@ -63,6 +63,7 @@ class AsyncLLM:
         kv_cache_bytes: int | None = None,
         block_size: int = 16,
         max_model_len: int | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         self.engine: EngineCore = build_engine(
             model_or_dir,
@@ -75,6 +76,7 @@ class AsyncLLM:
             kv_cache_bytes=kv_cache_bytes,
             block_size=block_size,
             max_model_len=max_model_len,
+            cuda_graphs=cuda_graphs,
         )
         self._streams: dict[str, _Stream] = {}
         self._streams_lock = threading.Lock()

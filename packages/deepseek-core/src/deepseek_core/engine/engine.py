@@ -8,6 +8,7 @@ blocks cannot be handed out before the running step ends, because only step() al
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import threading
 import time
@@ -27,6 +28,7 @@ from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
 
 PromptType = str | Seq[int]
+log = logging.getLogger(__name__)
 
 _DEFAULT_CPU_CACHE_BYTES = 1 << 30
 _CUDA_CACHE_FRACTION = 0.6  # of the memory free after loading the model
@@ -53,6 +55,7 @@ class EngineCore:
         kv_cache_bytes: int | None = None,
         block_size: int = 16,
         max_model_len: int | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -98,6 +101,29 @@ class EngineCore:
         self._arrival = itertools.count()
         self._seed_source = random.Random()
         self._counters = {"prompt": 0, "generation": 0, "finished": 0, "steps": 0}
+        if cuda_graphs:
+            if device.type != "cuda":
+                raise ValueError(f"cuda_graphs: needs a CUDA device, the model is on {device}")
+            if self.config.is_moe:
+                log.warning(
+                    "cuda_graphs: not used for MoE models (data-dependent routing); decoding runs eagerly"
+                )
+            else:
+                self.enable_static_decode(capture=True)
+
+    def enable_static_decode(self, capture: bool = True) -> None:
+        """Run decode-only steps with fixed shapes (captured as CUDA graphs when `capture`).
+
+        Reserves one cache block as scratch for padding rows; call before adding requests.
+        """
+        if self._requests:
+            raise RuntimeError("enable_static_decode: call it before adding requests")
+        usable = (self.cache.num_blocks - 1) * self.cache.block_size
+        if usable < 1:
+            raise ValueError("num_kv_blocks: cuda_graphs needs at least 2 blocks (one is scratch)")
+        scratch = self.cache.allocator.allocate(1)[0]
+        self.max_model_len = min(self.max_model_len, usable)
+        self.runner.enable_static_decode(scratch, self.scheduler.max_num_seqs, self.max_model_len, capture)
 
     # ------------------------------------------------------------------ requests
     def encode_prompt(self, prompt: PromptType) -> list[int]:

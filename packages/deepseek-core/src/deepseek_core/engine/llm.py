@@ -90,6 +90,7 @@ class LLM:
         kv_cache_bytes: int | None = None,
         block_size: int = 16,
         max_model_len: int | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         self.engine = build_engine(
             model_or_dir,
@@ -102,6 +103,7 @@ class LLM:
             kv_cache_bytes=kv_cache_bytes,
             block_size=block_size,
             max_model_len=max_model_len,
+            cuda_graphs=cuda_graphs,
         )
 
     @property

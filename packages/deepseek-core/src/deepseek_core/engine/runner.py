@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.transformer import Transformer
+from .cuda_graphs import StaticDecode, StaticDecodeInputs
 from .kv_cache import KVCache
 from .scheduler import ScheduledChunk
 
@@ -44,45 +45,80 @@ def _slots(block_table: list[int], start: int, end: int, block_size: int) -> lis
 class PagedAttention:
     """KVCacheView over a KVCache for one step's flattened batch (built once, used by every layer)."""
 
-    def __init__(self, cache: KVCache, chunks: list[ScheduledChunk], decode_backend: str = "auto") -> None:
+    def __init__(self, cache: KVCache, decode_backend: str = "auto") -> None:
         self.cache = cache
+        self.use_sdpa_decode = decode_backend == "sdpa" or (
+            decode_backend == "auto" and cache.device.type == "cuda"
+        )
+        self.num_decode = 0
+        self.slot_mapping = torch.empty(
+            0, dtype=torch.long, device=cache.device
+        )  # [T] slots of the new tokens
+        # Decodes read their keys through one contiguous range (a view), or gathered slots [B * max_len] with
+        # decode_valid [B, max_len] masking the padding (None when every length is max_len).
+        self.decode_range: tuple[int, int] | None = None
+        self.decode_slots: torch.Tensor | None = None
+        self.decode_valid: torch.Tensor | None = None
+        self.decode_max_len = 0
+        self.prefills: list[_Prefill] = []
+
+    @classmethod
+    def static_decode(
+        cls,
+        cache: KVCache,
+        slot_mapping: torch.Tensor,
+        decode_slots: torch.Tensor,
+        decode_valid: torch.Tensor,
+        decode_backend: str = "auto",
+    ) -> PagedAttention:
+        """Decode-only batch from fixed-shape tensors (CUDA graphs): slots [B], gather [B * L], valid [B, L]."""
+        view = cls(cache, decode_backend)
+        view.num_decode = slot_mapping.shape[0]
+        view.slot_mapping = slot_mapping
+        view.decode_slots = decode_slots
+        view.decode_valid = decode_valid
+        view.decode_max_len = decode_valid.shape[1]
+        return view
+
+    @classmethod
+    def for_chunks(
+        cls, cache: KVCache, chunks: list[ScheduledChunk], decode_backend: str = "auto"
+    ) -> PagedAttention:
+        """Metadata for a step's chunks (single-token chunks first, as the scheduler orders them)."""
+        view = cls(cache, decode_backend)
         device = cache.device
         bs = cache.block_size
         decodes = [c for c in chunks if c.length == 1]
-        self.num_decode = len(decodes)
+        view.num_decode = len(decodes)
         new_slots: list[int] = []
         for c in chunks:
             new_slots.extend(_slots(c.seq.block_table, c.start, c.start + c.length, bs))
-        self.slot_mapping = torch.tensor(new_slots, dtype=torch.long, device=device)
-
-        # Decodes: key slots [num_decode, max_len] (padding masked out), or one contiguous range.
-        self.decode_range: tuple[int, int] | None = None
-        self.decode_slots: torch.Tensor | None = None
-        self.decode_valid: torch.Tensor | None = None  # [B, max_len] bool, None when all lengths are equal
-        self.use_sdpa_decode = decode_backend == "sdpa" or (
-            decode_backend == "auto" and device.type == "cuda"
-        )
+        view.slot_mapping = torch.tensor(new_slots, dtype=torch.long, device=device)
         if decodes:
             lengths = [c.start + 1 for c in decodes]
             max_len = max(lengths)
             table = decodes[0].seq.block_table
             n_blocks = -(-max_len // bs)
             if len(decodes) == 1 and table[:n_blocks] == list(range(table[0], table[0] + n_blocks)):
-                self.decode_range = (table[0] * bs, max_len)  # a view, no gather
+                view.decode_range = (table[0] * bs, max_len)  # a view, no gather
             else:
                 tables = [c.seq.block_table[:n_blocks] for c in decodes]
                 tables = [t + [0] * (n_blocks - len(t)) for t in tables]  # padding rows are masked out
                 blocks = torch.tensor(tables, dtype=torch.long, device=device)
                 slots = (blocks.unsqueeze(-1) * bs + torch.arange(bs, device=device)).view(len(decodes), -1)
-                self.decode_slots = slots[:, :max_len].reshape(-1)
+                view.decode_slots = slots[:, :max_len].reshape(-1)
                 if min(lengths) != max_len:
                     lens = torch.tensor(lengths, device=device)
-                    self.decode_valid = torch.arange(max_len, device=device).unsqueeze(0) < lens.unsqueeze(1)
-            self.decode_max_len = max_len
+                    view.decode_valid = torch.arange(max_len, device=device).unsqueeze(0) < lens.unsqueeze(1)
+            view.decode_max_len = max_len
+        view._add_prefills(chunks[view.num_decode :])
+        return view
 
-        self.prefills: list[_Prefill] = []
+    def _add_prefills(self, chunks: list[ScheduledChunk]) -> None:
+        device = self.cache.device
+        bs = self.cache.block_size
         offset = self.num_decode
-        for c in chunks[self.num_decode :]:
+        for c in chunks:
             history = mask = None
             if c.start > 0:
                 end = c.start + c.length
@@ -230,9 +266,20 @@ class ModelRunner:
         self.device = cache.device
         # Decode attention: "sdpa" (CUDA default) or "matmul" (grouped matmuls, CPU default).
         self.decode_backend = decode_backend
+        self.static: StaticDecode | None = None  # fixed-shape decode steps (CUDA graphs), when enabled
 
-    def prepare(self, chunks: list[ScheduledChunk]) -> PreparedBatch:
+    def enable_static_decode(
+        self, scratch_block: int, max_batch: int, max_model_len: int, capture: bool
+    ) -> None:
+        """Run decode-only steps through StaticDecode (CUDA graphs when `capture`)."""
+        self.static = StaticDecode(
+            self.model, self.cache, scratch_block, max_batch, max_model_len, self.decode_backend, capture
+        )
+
+    def prepare(self, chunks: list[ScheduledChunk]) -> PreparedBatch | StaticDecodeInputs:
         """Flatten chunks into one row of tokens plus attention metadata (reads sequence state)."""
+        if self.static is not None and self.static.fits(chunks):
+            return self.static.prepare(chunks)
         ids: list[int] = []
         positions: list[int] = []
         sample_index: list[int] = []
@@ -245,13 +292,16 @@ class ModelRunner:
         return PreparedBatch(
             input_ids=torch.tensor([ids], dtype=torch.long, device=device),
             positions=torch.tensor([positions], dtype=torch.long, device=device),
-            attention=PagedAttention(self.cache, chunks, self.decode_backend),
+            attention=PagedAttention.for_chunks(self.cache, chunks, self.decode_backend),
             sample_index=torch.tensor(sample_index, dtype=torch.long, device=device),
         )
 
     @torch.inference_mode()
-    def execute(self, batch: PreparedBatch) -> torch.Tensor:
+    def execute(self, batch: PreparedBatch | StaticDecodeInputs) -> torch.Tensor:
         """Forward pass; logits [num_sampling_chunks, vocab] (in chunk order)."""
+        if isinstance(batch, StaticDecodeInputs):
+            assert self.static is not None
+            return self.static.run(batch)
         hidden = self.model.hidden_states(batch.input_ids, batch.positions, cache=batch.attention)
         if batch.sample_index.numel() == 0:
             return hidden.new_empty(0, self.model.config.vocab_size)
