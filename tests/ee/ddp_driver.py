@@ -99,7 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     result = trainer.fit(resume=not args.no_resume)
     weights = {k: v.detach().cpu().clone() for k, v in trainer.module.state_dict().items()}
-    record = {"weights": weights, "steps": result.steps, "world_size": result.world_size, "eval_loss": result.eval_loss}
+    record = {
+        "weights": weights,
+        "steps": result.steps,
+        "world_size": result.world_size,
+        "eval_loss": result.eval_loss,
+    }
     torch.save(record, out / f"weights-rank{result.global_rank}.pt")
     print(f"rank {result.global_rank}: done at step {result.steps}", file=sys.stderr, flush=True)
     return 0
