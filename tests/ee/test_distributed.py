@@ -107,9 +107,10 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
-def driver_args(max_steps: int = MAX_STEPS) -> list[str]:
-    """Steps, plus evaluation on 10 held-out sequences (uneven over 2 ranks) at step 3 and at the end."""
-    return ["--max-steps", str(max_steps), "--eval", "--eval-every", "3"]
+def driver_args(max_steps: int = MAX_STEPS, eval_every: int = 3) -> list[str]:
+    """Steps, plus evaluation on 10 held-out sequences (uneven over 2 ranks) every `eval_every` steps and at
+    the end (inside fit when the last step is an eval step, else by a validate() run after fit)."""
+    return ["--max-steps", str(max_steps), "--eval", "--eval-every", str(eval_every)]
 
 
 # ---------------------------------------------------------------------------------------------- reference
@@ -310,10 +311,10 @@ def test_one_node_two_processes_matches_single_process(
 
 @pytest.mark.integration
 def test_two_nodes_one_process_each_matches_single_process(
-    tmp_path: Path, reference: dict[str, torch.Tensor]
+    tmp_path: Path, reference: dict[str, torch.Tensor], reference_run: Path
 ) -> None:
     """num_nodes=2 x gpus_per_node=1: two processes rendezvous over MASTER_ADDR/MASTER_PORT/NODE_RANK."""
-    procs = run_two_nodes(tmp_path, *driver_args())
+    procs = run_two_nodes(tmp_path, *driver_args(eval_every=4))  # the final eval runs after fit, distributed
     try:
         for proc, log in procs:
             wait_ok(proc, log)
@@ -323,6 +324,11 @@ def test_two_nodes_one_process_each_matches_single_process(
     ranks = [load_weights(tmp_path / f"weights-rank{r}.pt") for r in (0, 1)]
     assert max_diff(ranks[0], ranks[1]) == 0.0
     assert max_diff(ranks[0], reference) < TOLERANCE
+    log = (tmp_path / "train.log").read_text()
+    assert "eval step 4 |" in log and f"eval step {MAX_STEPS} |" in log
+    final_eval = load_eval_loss(reference_run / "weights-rank0.pt")
+    for r in (0, 1):  # every rank got the reduced result
+        assert abs(load_eval_loss(tmp_path / f"weights-rank{r}.pt") - final_eval) < TOLERANCE
 
 
 @pytest.mark.integration

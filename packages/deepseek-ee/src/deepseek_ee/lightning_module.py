@@ -107,7 +107,8 @@ class CausalLMModule(pl.LightningModule):
     def _groups(self, weight_decay: float) -> list[dict[str, Any]]:
         if not self._is_fsdp():
             return parameter_groups(self.transformer, weight_decay)  # exactly core's (and so CE's) groups
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for name, param in self.transformer.named_parameters():
             if not param.requires_grad:
                 continue
@@ -166,7 +167,7 @@ class CausalLMModule(pl.LightningModule):
                 self._grad_norm = None
                 return
             if math.isinf(max_norm):
-                norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
             else:
                 norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         self._grad_norm = float(norm)

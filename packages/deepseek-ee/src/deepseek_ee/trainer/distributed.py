@@ -481,8 +481,8 @@ class DistributedTrainer:
             "global_batch_size": self.global_batch_size,
             "tokens_per_step": self.tokens_per_step,
             "seq_len": self.seq_len,
-            "train_sequences": len(self.train_dataset),
-            "eval_sequences": len(self.eval_dataset) if self.eval_dataset is not None else 0,
+            "train_sequences": len(self.train_dataset),  # type: ignore[arg-type]
+            "eval_sequences": len(self.eval_dataset) if self.eval_dataset is not None else 0,  # type: ignore[arg-type]
         }
         if self.optimizer_options:
             params["optimizer_options"] = self.optimizer_options
