@@ -64,6 +64,7 @@ class AsyncLLM:
         block_size: int = 16,
         max_model_len: int | None = None,
         cuda_graphs: bool = False,
+        cpu_prepack: bool | None = None,
     ) -> None:
         self.engine: EngineCore = build_engine(
             model_or_dir,
@@ -77,6 +78,7 @@ class AsyncLLM:
             block_size=block_size,
             max_model_len=max_model_len,
             cuda_graphs=cuda_graphs,
+            cpu_prepack=cpu_prepack,
         )
         self._streams: dict[str, _Stream] = {}
         self._streams_lock = threading.Lock()

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..model.transformer import Transformer
+from .cpu_linear import prepack_available
 from .kv_cache import KVCache, bytes_per_token
 from .outputs import EngineStats, RequestMetrics, RequestOutput
 from .params import SamplingParams
@@ -31,6 +32,7 @@ PromptType = str | Seq[int]
 log = logging.getLogger(__name__)
 
 _DEFAULT_CPU_CACHE_BYTES = 1 << 30
+_AUTO_PREPACK_MAX_BYTES = 4 << 30
 _CUDA_CACHE_FRACTION = 0.6  # of the memory free after loading the model
 
 
@@ -56,6 +58,7 @@ class EngineCore:
         block_size: int = 16,
         max_model_len: int | None = None,
         cuda_graphs: bool = False,
+        cpu_prepack: bool | None = None,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -110,6 +113,20 @@ class EngineCore:
                 )
             else:
                 self.enable_static_decode(capture=True)
+        if cpu_prepack is None:  # auto: bf16 on CPU, when the packed copy (about the model's size) is modest
+            weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            cpu_prepack = (
+                device.type == "cpu" and dtype == torch.bfloat16 and weight_bytes <= _AUTO_PREPACK_MAX_BYTES
+            )
+        if cpu_prepack:
+            if device.type != "cpu" or dtype != torch.bfloat16:
+                raise ValueError(f"cpu_prepack: needs a bfloat16 model on CPU, got {dtype} on {device}")
+            if prepack_available():
+                self.runner.enable_cpu_prepack()
+            else:
+                log.warning(
+                    "cpu_prepack: oneDNN bfloat16 kernels are not available here; using plain linears"
+                )
 
     def enable_static_decode(self, capture: bool = True) -> None:
         """Run decode-only steps with fixed shapes (captured as CUDA graphs when `capture`).

@@ -91,6 +91,7 @@ class LLM:
         block_size: int = 16,
         max_model_len: int | None = None,
         cuda_graphs: bool = False,
+        cpu_prepack: bool | None = None,
     ) -> None:
         self.engine = build_engine(
             model_or_dir,
@@ -104,6 +105,7 @@ class LLM:
             block_size=block_size,
             max_model_len=max_model_len,
             cuda_graphs=cuda_graphs,
+            cpu_prepack=cpu_prepack,
         )
 
     @property

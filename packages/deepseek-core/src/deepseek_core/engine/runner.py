@@ -14,6 +14,7 @@ through kv_b_proj's value half. MLA prefills expand keys/values from the latent,
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.transformer import Transformer
+from .cpu_linear import PackedLinears
 from .cuda_graphs import StaticDecode, StaticDecodeInputs
 from .kv_cache import KVCache
 from .scheduler import ScheduledChunk
@@ -267,6 +269,12 @@ class ModelRunner:
         # Decode attention: "sdpa" (CUDA default) or "matmul" (grouped matmuls, CPU default).
         self.decode_backend = decode_backend
         self.static: StaticDecode | None = None  # fixed-shape decode steps (CUDA graphs), when enabled
+        self.packed: PackedLinears | None = None  # oneDNN-prepacked bf16 linears (CPU), when enabled
+
+    def enable_cpu_prepack(self) -> int:
+        """Route the model's bf16 linears to prepacked oneDNN weights during engine passes; returns the count."""
+        self.packed = PackedLinears(self.model)
+        return self.packed.num_packed
 
     def enable_static_decode(
         self, scratch_block: int, max_batch: int, max_model_len: int, capture: bool
@@ -299,10 +307,11 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: PreparedBatch | StaticDecodeInputs) -> torch.Tensor:
         """Forward pass; logits [num_sampling_chunks, vocab] (in chunk order)."""
-        if isinstance(batch, StaticDecodeInputs):
-            assert self.static is not None
-            return self.static.run(batch)
-        hidden = self.model.hidden_states(batch.input_ids, batch.positions, cache=batch.attention)
-        if batch.sample_index.numel() == 0:
-            return hidden.new_empty(0, self.model.config.vocab_size)
-        return self.model.lm_head(hidden[0].index_select(0, batch.sample_index))
+        with self.packed if self.packed is not None else contextlib.nullcontext():
+            if isinstance(batch, StaticDecodeInputs):
+                assert self.static is not None
+                return self.static.run(batch)
+            hidden = self.model.hidden_states(batch.input_ids, batch.positions, cache=batch.attention)
+            if batch.sample_index.numel() == 0:
+                return hidden.new_empty(0, self.model.config.vocab_size)
+            return self.model.lm_head(hidden[0].index_select(0, batch.sample_index))

@@ -1,0 +1,42 @@
+"""Prepacked oneDNN bf16 linears on CPU: same tokens as plain linears, repacked when weights change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from deepseek_core import ModelConfig, Transformer
+from deepseek_core.engine import LLM, SamplingParams
+from deepseek_core.engine.cpu_linear import prepack_available
+
+from .hf_tiny import TINY_CONFIGS
+
+pytestmark = pytest.mark.skipif(not prepack_available(), reason="no oneDNN bf16 kernels on this CPU")
+
+
+@pytest.mark.parametrize("kind", ["llama_gqa", "deepseek_v3"])
+def test_prepacked_bf16_matches_plain(kind):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_dict(TINY_CONFIGS[kind])).to(torch.bfloat16).eval()
+    plain = LLM(model, cpu_prepack=False, block_size=4)
+    packed = LLM(model, block_size=4)  # auto: on for bf16 on CPU
+    assert plain.engine.runner.packed is None
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert packed.engine.runner.packed is not None and packed.engine.runner.packed.num_packed == linears
+    prompts = [[3, 4, 5], list(range(7, 40)), [9] * 12]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    assert [o.token_ids for o in packed.generate(prompts, params)] == [
+        o.token_ids for o in plain.generate(prompts, params)
+    ]
+    # The model outside the engine is untouched, and an in-place weight change is seen (repacked).
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)
+    assert [o.token_ids for o in packed.generate(prompts, params)] == [
+        o.token_ids for o in plain.generate(prompts, params)
+    ]
+
+
+def test_prepack_refuses_float32():
+    model = Transformer(ModelConfig.from_dict(TINY_CONFIGS["llama_gqa"]))
+    with pytest.raises(ValueError, match="cpu_prepack: needs a bfloat16 model on CPU"):
+        LLM(model, cpu_prepack=True)
+    assert LLM(model).engine.runner.packed is None  # auto: off for float32
