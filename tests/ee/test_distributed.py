@@ -281,6 +281,34 @@ def test_watchdog_names_a_rank_whose_heartbeat_stopped() -> None:
         del store
 
 
+def test_watchdog_names_rank_0_when_the_rendezvous_store_goes_away() -> None:
+    """Rank 0 hosts the store: when it dies, the others see the store stop answering and name rank 0."""
+    import gc
+    from datetime import timedelta
+
+    port = free_port()
+    store = torch.distributed.TCPStore(
+        "127.0.0.1", port, is_master=True, timeout=timedelta(seconds=10), wait_for_workers=False
+    )
+    reported: list[str] = []
+    dog = PeerWatchdog(
+        1, 2, "127.0.0.1", port, interval_s=0.2, timeout_s=1.5, namespace="t", on_lost=reported.append
+    )
+    dog.start()
+    try:
+        time.sleep(0.5)
+        del store  # the master's server stops with it, as when rank 0's process dies
+        gc.collect()
+        lost, detail = dog.find_lost(grace_s=0.4)
+        assert lost == [0] and "hosted by rank 0" in detail
+        deadline = time.monotonic() + 15
+        while not reported and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert reported and "rank 1 of 2: lost rank 0" in reported[0]
+    finally:
+        dog.stop()
+
+
 # ---------------------------------------------------------------------------------------------- multi-process
 @pytest.mark.integration
 def test_one_node_two_processes_matches_single_process(

@@ -16,6 +16,7 @@ watches its two ring neighbours' counters:
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
 import time
@@ -125,6 +126,14 @@ class PeerWatchdog:
         with self._lock:
             self._store.set(self._key(self.rank), str(self._counter).encode())
 
+    def _store_port_open(self) -> bool:
+        """A plain TCP probe of the store's port (c10d's own client logs a stack trace per failed try)."""
+        try:
+            with socket.create_connection((self.host, self.port), timeout=max(1.0, self.interval_s)):
+                return True
+        except OSError:
+            return False
+
     def _run(self) -> None:
         last_value: dict[int, bytes | None] = {}
         last_change = {r: time.monotonic() for r in self._watched}
@@ -132,18 +141,26 @@ class PeerWatchdog:
         while not self._stop.wait(self.interval_s):
             now = time.monotonic()
             try:
+                if self._store is None:  # the connection broke earlier: reconnect only once the port answers
+                    if not self._store_port_open():
+                        raise ConnectionRefusedError(f"{self.host}:{self.port} refuses connections")
+                    self._store = self._connect()
                 self._beat()
                 values = self._read(self._watched)
                 store_failing_since = None
             except Exception as exc:  # connection refused/reset: the store host (rank 0) may be gone
+                self._store = None
                 store_failing_since = store_failing_since or now
                 if (
                     now - store_failing_since > self.timeout_s
                     and not self._suspended
                     and not self._stop.is_set()
                 ):
-                    self.on_lost(self._message([0], f"the rendezvous store at {self.host}:{self.port}, hosted by rank 0, "
-                                                   f"stopped answering: {type(exc).__name__}"))  # fmt: skip
+                    detail = (
+                        f"the rendezvous store at {self.host}:{self.port}, hosted by rank 0, stopped answering: "
+                        f"{type(exc).__name__}"
+                    )
+                    self.on_lost(self._message([0], detail))
                     return
                 continue
             for r, value in values.items():
@@ -173,6 +190,8 @@ class PeerWatchdog:
         everyone = [r for r in range(self.world_size) if r != self.rank]
         try:
             if self._store is None:
+                if not self._store_port_open():
+                    raise ConnectionRefusedError(f"{self.host}:{self.port} refuses connections")
                 self._store = self._connect()
             before = self._read(everyone)
             time.sleep(grace)
