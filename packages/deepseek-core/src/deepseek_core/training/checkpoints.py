@@ -5,6 +5,12 @@ transformers loads it as is), trainer_state.pt (optimizer, scheduler, RNG, data 
 training_config.json, and last of all the completion marker CHECKPOINT_COMPLETE. The directory is built as
 `.tmp-checkpoint-000100-<pid>` and renamed into place, so a run killed mid-save leaves only a temp dir,
 which `latest_checkpoint` never picks (it needs the marker too, in case a copy tool drops atomicity).
+
+Object storage (s3://, gs://): a trainer whose output is a URL saves each checkpoint locally as above, then
+`publish_checkpoint` uploads it to `<url>/checkpoint-000100/` with the sha256 manifest written last, so a
+half-uploaded checkpoint is never taken for a complete one. `latest_remote_checkpoint(url)` finds the newest
+complete one and `fetch_remote_checkpoint` downloads and verifies it into the local cache, from where
+`load_trainer_state` and `load_weights_into` resume exactly as from a local directory.
 """
 
 from __future__ import annotations
@@ -213,3 +219,60 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------- object storage
+def publish_checkpoint(
+    checkpoint_dir: str | os.PathLike[str], output_url: str, storage_options: dict[str, Any] | None = None
+) -> str:
+    """Upload a complete local checkpoint to `output_url/<its name>` (manifest last); returns its URL."""
+    from .. import storage
+
+    directory = Path(checkpoint_dir)
+    if not (directory / COMPLETE_MARKER).is_file():
+        raise CheckpointError(
+            f"{directory}: not a complete checkpoint (no {COMPLETE_MARKER}); nothing published"
+        )
+    return storage.upload_directory(directory, storage.url_join(output_url, directory.name), storage_options)
+
+
+def list_remote_checkpoints(
+    output_url: str, storage_options: dict[str, Any] | None = None
+) -> list[tuple[int, str]]:
+    """(step, url) of every complete checkpoint under `output_url`, oldest first.
+
+    Complete means: the upload finished (its manifest exists) and the checkpoint it uploaded was complete
+    (the manifest lists the CHECKPOINT_COMPLETE marker).
+    """
+    from .. import storage
+
+    found = []
+    for child in storage.list_prefixes(output_url, storage_options):
+        match = _NAME.match(child.rstrip("/").rsplit("/", 1)[-1])
+        if not match:
+            continue
+        try:
+            manifest = storage.read_manifest(child, storage_options)
+        except (CheckpointError, ValueError):
+            continue  # unreadable manifest: treated as incomplete
+        if manifest is not None and COMPLETE_MARKER in manifest.get("files", {}):
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_remote_checkpoint(output_url: str, storage_options: dict[str, Any] | None = None) -> str | None:
+    """URL of the complete checkpoint with the highest step under `output_url`, or None."""
+    found = list_remote_checkpoints(output_url, storage_options)
+    return found[-1][1] if found else None
+
+
+def fetch_remote_checkpoint(
+    url: str, cache_dir: str | os.PathLike[str] | None = None, storage_options: dict[str, Any] | None = None
+) -> Path:
+    """Download (or re-verify the cached copy of) a published checkpoint; returns the local directory."""
+    from .. import storage
+
+    directory = storage.fetch_checkpoint(url, cache_dir=cache_dir, storage_options=storage_options)
+    if not (directory / COMPLETE_MARKER).is_file():
+        raise CheckpointError(f"{url}: not a complete training checkpoint (no {COMPLETE_MARKER})")
+    return directory
