@@ -209,3 +209,16 @@ def test_load_peak_memory_is_below_1_3x_checkpoint(tmp_path):
     assert increase < 1.3 * size, (
         f"peak RSS grew by {increase / 1e6:.0f} MB for a {size / 1e6:.0f} MB checkpoint"
     )
+
+
+def test_saved_checkpoint_has_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        save_model(_tiny("llama_gqa"), tmp_path / "ckpt")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "ckpt" / "config.json").stat().st_mode) == 0o644

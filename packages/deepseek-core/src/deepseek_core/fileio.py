@@ -10,6 +10,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(path: Path, is_dir: bool) -> None:
+    """mkstemp/mkdtemp create 0600/0700 entries; give the result the permissions a plain create would."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write `text` to `path` through a temporary file in the same directory."""
     atomic_write_bytes(path, text.encode("utf-8"))
@@ -25,6 +36,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        _apply_umask(Path(tmp), is_dir=False)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -46,6 +58,7 @@ def atomic_directory(target: str | os.PathLike[str], overwrite: bool = True) -> 
     try:
         yield tmp
         _fsync_tree(tmp)
+        _apply_umask(tmp, is_dir=True)
         if target.exists():
             if not overwrite:
                 raise FileExistsError(f"{target}: already exists")
