@@ -34,27 +34,29 @@ class StaticDecodeInputs:
     input_ids: torch.Tensor  # [Bp]
     positions: torch.Tensor  # [Bp]
     slot_mapping: torch.Tensor  # [Bp]
-    decode_slots: torch.Tensor  # [Bp * Lp]
+    decode_blocks: torch.Tensor  # [Bp * Lp / block_size]
     decode_valid: torch.Tensor  # [Bp, Lp]
 
 
 class _Graph:
     """Device buffers of one key, and its captured graph."""
 
-    def __init__(self, batch: int, length: int, scratch_slot: int, device: torch.device) -> None:
+    def __init__(
+        self, batch: int, length: int, scratch_block: int, block_size: int, device: torch.device
+    ) -> None:
         def full(shape: tuple[int, ...], value: int) -> torch.Tensor:
             return torch.full(shape, value, dtype=torch.long, device=device)
 
         self.input_ids = full((batch,), 0)
         self.positions = full((batch,), 0)
-        self.slot_mapping = full((batch,), scratch_slot)
-        self.decode_slots = full((batch * length,), scratch_slot)
+        self.slot_mapping = full((batch,), scratch_block * block_size)
+        self.decode_blocks = full((batch * length // block_size,), scratch_block)
         self.decode_valid = torch.ones(batch, length, dtype=torch.bool, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output: torch.Tensor | None = None
 
     def load(self, inputs: StaticDecodeInputs) -> None:
-        for name in ("input_ids", "positions", "slot_mapping", "decode_slots", "decode_valid"):
+        for name in ("input_ids", "positions", "slot_mapping", "decode_blocks", "decode_valid"):
             getattr(self, name).copy_(getattr(inputs, name), non_blocking=True)
 
 
@@ -104,8 +106,6 @@ class StaticDecode:
         tables = [c.seq.block_table[:n_blocks] for c in chunks]
         tables = [t + [self.scratch_block] * (n_blocks - len(t)) for t in tables]
         tables += [[self.scratch_block] * n_blocks] * (padded - batch)
-        blocks = torch.tensor(tables, dtype=torch.long)
-        slots = (blocks.unsqueeze(-1) * bs + torch.arange(bs)).view(padded, length)
         lens = torch.tensor(lengths + [1] * (padded - batch))
         positions = [c.start for c in chunks] + [0] * (padded - batch)
         new_slots = [c.seq.block_table[p // bs] * bs + p % bs for c, p in zip(chunks, positions)]
@@ -115,7 +115,7 @@ class StaticDecode:
             input_ids=torch.tensor([c.seq.token_ids[c.start] for c in chunks] + [0] * (padded - batch)),
             positions=torch.tensor(positions),
             slot_mapping=torch.tensor(new_slots + [self.scratch_slot] * (padded - batch)),
-            decode_slots=slots.reshape(-1),
+            decode_blocks=torch.tensor(tables, dtype=torch.long).view(-1),
             decode_valid=torch.arange(length).unsqueeze(0) < lens.unsqueeze(1),
         )
 
@@ -123,13 +123,13 @@ class StaticDecode:
         from .runner import PagedAttention
 
         view = PagedAttention.static_decode(
-            self.cache, g.slot_mapping, g.decode_slots, g.decode_valid, self.decode_backend
+            self.cache, g.slot_mapping, g.decode_blocks, g.decode_valid, self.decode_backend
         )
         hidden = self.model.hidden_states(g.input_ids.view(1, -1), g.positions.view(1, -1), cache=view)
         return self.model.lm_head(hidden[0])
 
     def _build(self, key: tuple[int, int]) -> _Graph:
-        g = _Graph(key[0], key[1], self.scratch_slot, self.cache.device)
+        g = _Graph(key[0], key[1], self.scratch_block, self.cache.block_size, self.cache.device)
         if self.capture:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())

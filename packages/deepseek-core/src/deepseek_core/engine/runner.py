@@ -4,7 +4,8 @@ All chunks of a step are flattened into one row of tokens ([1, T]) so the linear
 matrix; only attention needs to know where each sequence starts. `PagedAttention` is the KVCacheView that
 the model's attention layers call: it writes this step's keys/values (or MLA latents) into their cache
 slots and attends over each sequence's history:
-  - single-token chunks (decodes) together, in one batched SDPA over keys gathered by block table;
+  - single-token chunks (decodes) together, in one batched attention over whole blocks gathered by block
+    table (a plain view when a lone sequence's blocks are consecutive);
   - each multi-token chunk (prefill) on its own: causal SDPA over its own keys when it starts at position
     0, otherwise over its gathered history with an offset causal mask.
 MLA decodes use the weight-absorbed form: the query's no-position part is multiplied into latent space by
@@ -35,8 +36,8 @@ class _Prefill:
     offset: int
     length: int
     start: int
-    history_slots: torch.Tensor | None  # slots of positions [0, start + length) when start > 0
-    mask: torch.Tensor | None  # [length, start + length] causal mask with offset, when start > 0
+    history_blocks: torch.Tensor | None  # blocks holding positions [0, start + length), when start > 0
+    mask: torch.Tensor | None  # [length, n_blocks * block_size] causal mask with offset, when start > 0
 
 
 def _slots(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
@@ -44,24 +45,53 @@ def _slots(block_table: list[int], start: int, end: int, block_size: int) -> lis
     return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
-class PagedAttention:
-    """KVCacheView over a KVCache for one step's flattened batch (built once, used by every layer)."""
+class Workspace:
+    """Grow-only scratch buffers for the per-layer gathers (CPU).
 
-    def __init__(self, cache: KVCache, decode_backend: str = "auto") -> None:
+    Fresh multi-megabyte tensors cost page faults on every allocation on CPU (the allocator returns them to
+    the OS), often more than the copy itself; gathering into reused buffers avoids that.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous tensor of `shape` (contents undefined), valid until the next get(name)."""
+        numel = 1
+        for d in shape:
+            numel *= d
+        buf = self._buffers.get(name)
+        if buf is None or buf.dtype != dtype or buf.numel() < numel:
+            buf = torch.empty(max(numel, 1), dtype=dtype, device=self.device)
+            self._buffers[name] = buf
+        return buf[:numel].view(shape)
+
+
+class PagedAttention:
+    """KVCacheView over a KVCache for one step's flattened batch (built once, used by every layer).
+
+    Decode attention is head-major throughout: gathered keys are [KVH, B, L, D] with every [L, D] matrix
+    contiguous, which is what batched matmuls need to run fast on CPU.
+    """
+
+    def __init__(
+        self, cache: KVCache, decode_backend: str = "auto", workspace: Workspace | None = None
+    ) -> None:
         self.cache = cache
+        self.workspace = workspace
         self.use_sdpa_decode = decode_backend == "sdpa" or (
             decode_backend == "auto" and cache.device.type == "cuda"
         )
         self.num_decode = 0
-        self.slot_mapping = torch.empty(
-            0, dtype=torch.long, device=cache.device
-        )  # [T] slots of the new tokens
-        # Decodes read their keys through one contiguous range (a view), or gathered slots [B * max_len] with
-        # decode_valid [B, max_len] masking the padding (None when every length is max_len).
+        self.slot_mapping = torch.empty(0, dtype=torch.long, device=cache.device)  # [T]: slots of new tokens
+        # Decodes read the cache through one contiguous slot range (a view: one sequence whose blocks are
+        # consecutive), or gather whole blocks: decode_blocks [B * n_blocks], decode_valid [B, n_blocks * bs]
+        # masking what lies past each sequence's length (None when nothing needs masking).
         self.decode_range: tuple[int, int] | None = None
-        self.decode_slots: torch.Tensor | None = None
+        self.decode_blocks: torch.Tensor | None = None
         self.decode_valid: torch.Tensor | None = None
-        self.decode_max_len = 0
+        self.decode_len = 0  # keys per decode sequence as gathered (n_blocks * bs, or the range length)
         self.prefills: list[_Prefill] = []
 
     @classmethod
@@ -69,25 +99,29 @@ class PagedAttention:
         cls,
         cache: KVCache,
         slot_mapping: torch.Tensor,
-        decode_slots: torch.Tensor,
+        decode_blocks: torch.Tensor,
         decode_valid: torch.Tensor,
         decode_backend: str = "auto",
     ) -> PagedAttention:
-        """Decode-only batch from fixed-shape tensors (CUDA graphs): slots [B], gather [B * L], valid [B, L]."""
+        """Decode-only batch from fixed-shape tensors (CUDA graphs): slots [B], blocks [B * nb], valid [B, L]."""
         view = cls(cache, decode_backend)
         view.num_decode = slot_mapping.shape[0]
         view.slot_mapping = slot_mapping
-        view.decode_slots = decode_slots
+        view.decode_blocks = decode_blocks
         view.decode_valid = decode_valid
-        view.decode_max_len = decode_valid.shape[1]
+        view.decode_len = decode_valid.shape[1]
         return view
 
     @classmethod
     def for_chunks(
-        cls, cache: KVCache, chunks: list[ScheduledChunk], decode_backend: str = "auto"
+        cls,
+        cache: KVCache,
+        chunks: list[ScheduledChunk],
+        decode_backend: str = "auto",
+        workspace: Workspace | None = None,
     ) -> PagedAttention:
         """Metadata for a step's chunks (single-token chunks first, as the scheduler orders them)."""
-        view = cls(cache, decode_backend)
+        view = cls(cache, decode_backend, workspace)
         device = cache.device
         bs = cache.block_size
         decodes = [c for c in chunks if c.length == 1]
@@ -98,76 +132,99 @@ class PagedAttention:
         view.slot_mapping = torch.tensor(new_slots, dtype=torch.long, device=device)
         if decodes:
             lengths = [c.start + 1 for c in decodes]
-            max_len = max(lengths)
+            n_blocks = -(-max(lengths) // bs)
             table = decodes[0].seq.block_table
-            n_blocks = -(-max_len // bs)
             if len(decodes) == 1 and table[:n_blocks] == list(range(table[0], table[0] + n_blocks)):
-                view.decode_range = (table[0] * bs, max_len)  # a view, no gather
+                view.decode_range = (table[0] * bs, lengths[0])  # a view, no gather
+                view.decode_len = lengths[0]
             else:
                 tables = [c.seq.block_table[:n_blocks] for c in decodes]
-                tables = [t + [0] * (n_blocks - len(t)) for t in tables]  # padding rows are masked out
-                blocks = torch.tensor(tables, dtype=torch.long, device=device)
-                slots = (blocks.unsqueeze(-1) * bs + torch.arange(bs, device=device)).view(len(decodes), -1)
-                view.decode_slots = slots[:, :max_len].reshape(-1)
-                if min(lengths) != max_len:
+                tables = [t + [0] * (n_blocks - len(t)) for t in tables]  # padding is masked out
+                view.decode_blocks = torch.tensor(tables, dtype=torch.long, device=device).view(-1)
+                view.decode_len = n_blocks * bs
+                if any(n != view.decode_len for n in lengths):
                     lens = torch.tensor(lengths, device=device)
-                    view.decode_valid = torch.arange(max_len, device=device).unsqueeze(0) < lens.unsqueeze(1)
-            view.decode_max_len = max_len
-        view._add_prefills(chunks[view.num_decode :])
-        return view
-
-    def _add_prefills(self, chunks: list[ScheduledChunk]) -> None:
-        device = self.cache.device
-        bs = self.cache.block_size
-        offset = self.num_decode
-        for c in chunks:
-            history = mask = None
+                    view.decode_valid = torch.arange(view.decode_len, device=device) < lens.unsqueeze(1)
+        offset = view.num_decode
+        for c in chunks[view.num_decode :]:
+            blocks = mask = None
             if c.start > 0:
                 end = c.start + c.length
-                history = torch.tensor(_slots(c.seq.block_table, 0, end, bs), dtype=torch.long, device=device)
+                n_blocks = -(-end // bs)
+                blocks = torch.tensor(c.seq.block_table[:n_blocks], dtype=torch.long, device=device)
                 query_pos = torch.arange(c.start, end, device=device).unsqueeze(1)
-                mask = torch.arange(end, device=device).unsqueeze(0) <= query_pos
-            self.prefills.append(_Prefill(offset, c.length, c.start, history, mask))
+                mask = torch.arange(n_blocks * bs, device=device).unsqueeze(0) <= query_pos
+            view.prefills.append(_Prefill(offset, c.length, c.start, blocks, mask))
             offset += c.length
+        return view
 
-    # ------------------------------------------------------------------ helpers
-    def _gather_decode(self, cache_tensor: torch.Tensor, dim: int) -> torch.Tensor:
-        """Cached entries of every decode sequence, gathered along the slot dimension `dim`.
+    # ------------------------------------------------------------------ gathers
+    def _gather(
+        self, name: str, cache_tensor: torch.Tensor, blocks: torch.Tensor, head_major: bool
+    ) -> torch.Tensor:
+        """Whole blocks of `cache_tensor`, in the order of `blocks`.
 
-        MLA latent [slots, E] (dim 0) -> [B, L, E]; dense [KVH, slots, D] (dim 1) -> [B, KVH, L, D].
+        Dense [KVH, slots, D] -> [KVH, n * bs, D]; MLA latent [slots, E] -> [n * bs, E].
         """
+        bs = self.cache.block_size
+        if head_major:
+            heads, _, width = cache_tensor.shape
+            paged = cache_tensor.view(heads, -1, bs, width)
+            shape: tuple[int, ...] = (heads, blocks.numel(), bs, width)
+            dim = 1
+        else:
+            width = cache_tensor.shape[-1]
+            paged = cache_tensor.view(-1, bs, width)
+            shape = (blocks.numel(), bs, width)
+            dim = 0
+        if self.workspace is None:
+            out = paged.index_select(dim, blocks)
+        else:
+            out = torch.index_select(
+                paged, dim, blocks, out=self.workspace.get(name, shape, cache_tensor.dtype)
+            )
+        return out.view(heads, -1, width) if head_major else out.view(-1, width)
+
+    def _decode_keys(self, name: str, cache_tensor: torch.Tensor, head_major: bool) -> torch.Tensor:
+        """Dense: [KVH, B, L, D]; MLA: [B, L, E] (L = decode_len)."""
         if self.decode_range is not None:
             first, length = self.decode_range
-            return cache_tensor.narrow(dim, first, length).unsqueeze(0)
-        assert self.decode_slots is not None
-        rows = cache_tensor.index_select(dim, self.decode_slots)
-        if dim == 0:
-            return rows.view(self.num_decode, self.decode_max_len, *cache_tensor.shape[1:])
-        heads, _, width = rows.shape
-        return rows.view(heads, self.num_decode, self.decode_max_len, width).transpose(0, 1)
+            rows = cache_tensor.narrow(1 if head_major else 0, first, length)
+            return rows.unsqueeze(1) if head_major else rows.unsqueeze(0)
+        assert self.decode_blocks is not None
+        rows = self._gather(name, cache_tensor, self.decode_blocks, head_major)
+        if head_major:
+            return rows.view(rows.shape[0], self.num_decode, self.decode_len, rows.shape[-1])
+        return rows.view(self.num_decode, self.decode_len, rows.shape[-1])
 
     def _decode_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     ) -> torch.Tensor:
-        """One query token per sequence: q [B, H, D], k [B, KVH, L, D], v [B, KVH, L, Dv] -> [B, H, Dv].
+        """One query token per sequence, head-major: q [H, B, D], k [KVH, B, L, D], v [KVH, B, L, Dv] -> [H, B, Dv].
 
-        On CUDA this is SDPA. On CPU, grouped matmuls + a float32 softmax: each KV head serves its query
-        group without repeating K/V, and it beats the CPU SDPA kernels for single-token queries.
+        On CUDA this is SDPA. On CPU, batched matmuls + a float32 softmax: each KV head serves its group of
+        query heads without repeating K/V, faster than the CPU SDPA kernels for single-token queries.
         """
-        batch, heads, _ = q.shape
-        kv_heads = k.shape[1]
+        heads, batch, _ = q.shape
+        kv_heads = k.shape[0]
         if self.use_sdpa_decode:
             mask = None if self.decode_valid is None else self.decode_valid.view(batch, 1, 1, -1)
             out = F.scaled_dot_product_attention(
-                q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=kv_heads != heads
-            )
-            return out.squeeze(2)
-        grouped = q.reshape(batch, kv_heads, heads // kv_heads, q.shape[-1])
-        scores = torch.matmul(grouped, k.transpose(-1, -2)).float() * scale  # [B, KVH, G, L]
+                q.transpose(0, 1).unsqueeze(2),
+                k.transpose(0, 1),
+                v.transpose(0, 1),
+                attn_mask=mask,
+                scale=scale,
+                enable_gqa=kv_heads != heads,
+            )  # [B, H, 1, Dv]
+            return out.squeeze(2).transpose(0, 1)
+        grouped = q.reshape(kv_heads, heads // kv_heads, batch, q.shape[-1]).transpose(1, 2)  # [KVH, B, G, D]
+        scores = torch.matmul(grouped, k.transpose(-1, -2)).float() * scale  # [KVH, B, G, L]
         if self.decode_valid is not None:
-            scores = scores.masked_fill(~self.decode_valid.view(batch, 1, 1, -1), float("-inf"))
+            scores = scores.masked_fill(~self.decode_valid.view(1, batch, 1, -1), float("-inf"))
         probs = scores.softmax(dim=-1).to(v.dtype)
-        return torch.matmul(probs, v).reshape(batch, heads, v.shape[-1])
+        out = torch.matmul(probs, v)  # [KVH, B, G, Dv]
+        return out.transpose(1, 2).reshape(heads, batch, v.shape[-1])
 
     @staticmethod
     def _join(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -186,19 +243,19 @@ class PagedAttention:
         gqa = key.shape[1] != query.shape[1]
         parts = []
         if self.num_decode:
-            q = query[0, :, : self.num_decode].transpose(0, 1)  # [B, H, D]
-            k = self._gather_decode(key_cache, 1)  # [B, KVH, L, D]
-            v = self._gather_decode(value_cache, 1)
-            parts.append(self._decode_attention(q, k, v, scale).transpose(0, 1))  # [H, B, D]
+            q = query[0, :, : self.num_decode]  # [H, B, D]
+            k = self._decode_keys("key", key_cache, head_major=True)  # [KVH, B, L, D]
+            v = self._decode_keys("value", value_cache, head_major=True)
+            parts.append(self._decode_attention(q, k, v, scale))
         for p in self.prefills:
             q = query[:, :, p.offset : p.offset + p.length]
-            if p.history_slots is None:
+            if p.history_blocks is None:
                 k = key[:, :, p.offset : p.offset + p.length]
                 v = value[:, :, p.offset : p.offset + p.length]
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
             else:
-                k = key_cache.index_select(1, p.history_slots).unsqueeze(0)  # [1, KVH, L, D]
-                v = value_cache.index_select(1, p.history_slots).unsqueeze(0)
+                k = self._gather("key", key_cache, p.history_blocks, head_major=True).unsqueeze(0)
+                v = self._gather("value", value_cache, p.history_blocks, head_major=True).unsqueeze(0)
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=p.mask, scale=scale, enable_gqa=gqa)
             parts.append(out[0])
         return self._join(parts)
@@ -226,21 +283,23 @@ class PagedAttention:
             w_key, w_value = weight[:, :nope], weight[:, nope:]  # [H, nope, r], [H, v, r]
             b = self.num_decode
             q_latent = torch.bmm(q_nope[0, :, :b], w_key)  # [H, B, r]: absorbed into latent space
-            q = torch.cat((q_latent, q_pe[0, :, :b]), dim=-1).transpose(0, 1)  # [B, H, r + rope]
-            rows = self._gather_decode(latent_cache, 0).unsqueeze(1)  # [B, 1, L, r + rope]: one shared "head"
-            out = self._decode_attention(q, rows, rows[..., :rank], scale)  # [B, H, r]
-            parts.append(torch.bmm(out.transpose(0, 1), w_value.transpose(1, 2)))  # [H, B, v]
+            q = torch.cat((q_latent, q_pe[0, :, :b]), dim=-1)  # [H, B, r + rope]
+            rows = self._decode_keys("latent", latent_cache, head_major=False).unsqueeze(
+                0
+            )  # [1, B, L, r+rope]
+            out = self._decode_attention(q, rows, rows[..., :rank], scale)  # [H, B, r]
+            parts.append(torch.bmm(out, w_value.transpose(1, 2)))  # [H, B, v]
         query = torch.cat((q_nope, q_pe), dim=-1) if self.prefills else None
         for p in self.prefills:
             assert query is not None
             q = query[:, :, p.offset : p.offset + p.length]
-            if p.history_slots is None:
+            if p.history_blocks is None:
                 key, value = attn.expand_kv(
                     kv_latent[:, p.offset : p.offset + p.length], k_pe[:, :, p.offset : p.offset + p.length]
                 )
                 out = F.scaled_dot_product_attention(q, key, value, is_causal=True, scale=scale)
             else:
-                rows = latent_cache.index_select(0, p.history_slots).unsqueeze(0)  # [1, L, r + rope]
+                rows = self._gather("latent", latent_cache, p.history_blocks, head_major=False).unsqueeze(0)
                 key, value = attn.expand_kv(rows[..., :rank], rows[..., rank:].unsqueeze(1))
                 out = F.scaled_dot_product_attention(q, key, value, attn_mask=p.mask, scale=scale)
             parts.append(out[0])
@@ -269,6 +328,7 @@ class ModelRunner:
         # Decode attention: "sdpa" (CUDA default) or "matmul" (grouped matmuls, CPU default).
         self.decode_backend = decode_backend
         self.static: StaticDecode | None = None  # fixed-shape decode steps (CUDA graphs), when enabled
+        self.workspace = Workspace(self.device) if self.device.type == "cpu" else None
         self.packed: PackedLinears | None = None  # oneDNN-prepacked bf16 linears (CPU), when enabled
 
     def enable_cpu_prepack(self) -> int:
@@ -300,7 +360,7 @@ class ModelRunner:
         return PreparedBatch(
             input_ids=torch.tensor([ids], dtype=torch.long, device=device),
             positions=torch.tensor([positions], dtype=torch.long, device=device),
-            attention=PagedAttention.for_chunks(self.cache, chunks, self.decode_backend),
+            attention=PagedAttention.for_chunks(self.cache, chunks, self.decode_backend, self.workspace),
             sample_index=torch.tensor(sample_index, dtype=torch.long, device=device),
         )
 
