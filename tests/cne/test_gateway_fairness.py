@@ -2,9 +2,9 @@
 every request of tenant `victim` completes, and victim's p99 time to first token stays within 2x of its p99
 without the flood, both measured in this run on the same gateway and model.
 
-Phases alternate (victim alone, victim under the flood, four times each) so that both samples see the same
-background load of the machine. The flood runs in its own process at a lower CPU priority: on a small test
-machine its client work would otherwise compete with the server for the CPU, which is not what is tested.
+Phases alternate (victim alone, victim under the flood, three times each) so that both samples see the same
+background load of the machine. The flood runs in its own process at a slightly lower CPU priority: on a small
+test machine its client work would otherwise compete with the server for the CPU, which is not what is tested.
 """
 
 from __future__ import annotations
@@ -27,49 +27,37 @@ pytestmark = pytest.mark.integration
 MODEL = "fair-tiny"
 FLOOD_CONCURRENCY = 40
 FLOOD_MAX_CONCURRENT = 4  # the flood tenant's max_concurrent in the session's cne.yaml
-ROUNDS = 4
-SAMPLES_PER_PHASE = 10
+ROUNDS = 3
+SAMPLES_PER_PHASE = 12
 
 FLOOD = r"""
-import asyncio, collections, contextlib, json, os, ssl, sys, time
+import asyncio, collections, json, os, ssl, sys, time
 import httpx
 
 url, key, cafile, out, pause_file, stop_file, concurrency = sys.argv[1:]
-os.nice(10)
-deadline = time.monotonic() + 300
-stats = {"status": collections.Counter(), "errors": [], "cancelled": 0}
-body = {"model": "MODEL", "prompt": "the model reads", "max_tokens": 64, "ignore_eos": True, "stream": True}
-stop = lambda: os.path.exists(stop_file) or time.monotonic() > deadline
-paused = lambda: os.path.exists(pause_file)
-
-async def one(client):
-    async with client.stream("POST", "/v1/completions", json=body) as response:
-        async for _ in response.aiter_lines():
-            pass
-        stats["status"][str(response.status_code)] += 1
+os.nice(5)
+deadline = time.monotonic() + 600
+stats = {"status": collections.Counter(), "errors": [], "chunks": 0}
+body = {"model": "MODEL", "prompt": "the model reads", "max_tokens": 16, "ignore_eos": True, "stream": True}
 
 async def worker(client):
-    while not stop():
-        if paused():
+    while not os.path.exists(stop_file) and time.monotonic() < deadline:
+        if os.path.exists(pause_file):  # paused: send nothing new (what is in flight finishes)
             await asyncio.sleep(0.02)
             continue
-        request = asyncio.ensure_future(one(client))
-        while not request.done():
-            await asyncio.wait({request}, timeout=0.02)
-            if not request.done() and (paused() or stop()):
-                request.cancel()  # the client goes away: queued requests leave the queue, running ones abort
-                stats["cancelled"] += 1
-        with contextlib.suppress(asyncio.CancelledError):
-            try:
-                await request
-            except Exception as exc:
-                stats["errors"].append(repr(exc))
+        try:
+            async with client.stream("POST", "/v1/completions", json=body) as response:
+                async for line in response.aiter_lines():
+                    stats["chunks"] += line.startswith("data: {")
+                stats["status"][str(response.status_code)] += 1
+        except Exception as exc:
+            stats["errors"].append(repr(exc))
 
 async def main():
     context = ssl.create_default_context(cafile=cafile)
-    limits = httpx.Limits(max_connections=int(concurrency) + 4)
+    limits = httpx.Limits(max_connections=int(concurrency) + 4, max_keepalive_connections=int(concurrency) + 4)
     async with httpx.AsyncClient(base_url=url, verify=context, headers={"Authorization": f"Bearer {key}"},
-                                 timeout=120, limits=limits) as client:
+                                 timeout=300, limits=limits) as client:
         await asyncio.gather(*(worker(client) for _ in range(int(concurrency))))
 
 asyncio.run(main())
@@ -97,7 +85,7 @@ def _ttft(client: Any) -> float:
 def _wait(
     gateway: GatewayProcess, flood: subprocess.Popen[bytes], ok: Callable[[dict[str, int]], bool]
 ) -> None:
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while True:
         state = gateway.status()["tenants"]["flood"]
         if ok(state):
@@ -133,9 +121,9 @@ def test_a_flooding_tenant_does_not_starve_another(gateway: GatewayProcess, tmp_
                 unloaded += [_ttft(victim) for _ in range(SAMPLES_PER_PHASE)]
                 pause.unlink()
                 _wait(gateway, flood, lambda s: s["running"] == FLOOD_MAX_CONCURRENT and s["queued"] >= 20)
-                for _ in range(SAMPLES_PER_PHASE):
-                    loaded.append(_ttft(victim))
-                    queued_seen.append(gateway.status()["tenants"]["flood"]["queued"])
+                queued_seen.append(gateway.status()["tenants"]["flood"]["queued"])
+                loaded += [_ttft(victim) for _ in range(SAMPLES_PER_PHASE)]
+                queued_seen.append(gateway.status()["tenants"]["flood"]["queued"])
         finally:
             stop.touch()
             try:
@@ -144,17 +132,17 @@ def test_a_flooding_tenant_does_not_starve_another(gateway: GatewayProcess, tmp_
                 flood.kill()
                 flood.wait(timeout=30)
 
-    stats = json.loads(out.read_text())
-    assert stats["errors"] == [] and set(stats["status"]) <= {"200"}, stats
-    assert stats["status"].get("200", 0) >= FLOOD_CONCURRENCY // 2  # the flood got served too
-    # The flood was saturating during every loaded measurement: its 4 slots full and many more waiting.
-    assert min(queued_seen) >= FLOOD_CONCURRENCY // 2, queued_seen
-
     p99_unloaded, p99_loaded = _p99(unloaded), _p99(loaded)
     print(
         f"victim TTFT p50/p99 without the flood {np.median(unloaded) * 1e3:.1f}/{p99_unloaded * 1e3:.1f} ms, "
         f"under it {np.median(loaded) * 1e3:.1f}/{p99_loaded * 1e3:.1f} ms ({len(loaded)} samples each)"
     )
+    stats = json.loads(out.read_text())
+    assert stats["errors"] == [] and set(stats["status"]) <= {"200"}, stats
+    # The flood was served too ...
+    assert stats["status"].get("200", 0) >= ROUNDS * FLOOD_CONCURRENCY and stats["chunks"] > 0, stats
+    # ... and it was saturating during every loaded measurement: its 4 slots full and many more waiting.
+    assert min(queued_seen) >= FLOOD_CONCURRENCY // 2, queued_seen
     assert p99_loaded <= 2 * p99_unloaded, (
         f"victim p99 TTFT {p99_loaded * 1e3:.1f} ms under the flood vs {p99_unloaded * 1e3:.1f} ms without"
     )

@@ -109,3 +109,18 @@ def test_model_served_from_s3(gateway: GatewayProcess, gateway_tiny_dir: Path, s
     assert answer["choices"][0]["text"] == expected.text  # the same weights, fetched from the bucket
     last_load = gateway.status()["models"]["s3-tiny"]["last_load"]
     assert last_load["fetch_s"] > 0
+
+
+def test_a_crashed_worker_is_replaced_on_the_next_request(gateway: GatewayProcess) -> None:
+    _complete(gateway, "alpha-private")
+    pid = gateway.status()["models"]["alpha-private"]["pid"]
+    psutil.Process(pid).kill()  # the model's worker dies (out of memory, a bug...)
+    deadline = time.monotonic() + 30
+    while gateway.status()["models"]["alpha-private"]["state"] != "unloaded":
+        assert time.monotonic() < deadline, "the gateway did not notice the dead worker"
+        time.sleep(0.05)
+    answer = _complete(gateway, "alpha-private", max_tokens=3)  # loads it again into a fresh worker
+    assert answer["usage"]["completion_tokens"] == 3
+    model = gateway.status()["models"]["alpha-private"]
+    assert model["state"] == "loaded" and model["pid"] != pid
+    assert _complete(gateway, "shared-tiny", tenant="beta")["choices"]  # other models never noticed

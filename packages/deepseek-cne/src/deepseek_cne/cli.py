@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from . import __version__
 
 # Each name is a module deepseek_cne.commands.<name> exposing register(subparsers).
-COMMANDS = ("deploy", "pipeline")
+COMMANDS = ("deploy", "pipeline", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

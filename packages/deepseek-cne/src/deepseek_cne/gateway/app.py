@@ -14,6 +14,7 @@ import contextlib
 import gc
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -49,6 +50,7 @@ from .tenancy import TenantDirectory, UsageBook, model_not_found
 log = logging.getLogger(__name__)
 
 TENANT_SCOPE_KEY = "deepseek.tenant"
+_RUNTIME_PREFIX = "deepseek-cne-"
 _PASSED_HEADERS = ("content-type", "x-request-id", "retry-after")
 
 
@@ -305,10 +307,35 @@ def _refresh_gauges(state: GatewayState) -> None:
     services.metrics.warm_workers.set(len(state.pool.idle))
 
 
+def _remove_stale_runtime_dirs() -> None:
+    """Socket directories left by gateways that were killed (SIGKILL skips the cleanup)."""
+    for directory in Path(tempfile.gettempdir()).glob(f"{_RUNTIME_PREFIX}*-*"):
+        try:
+            pid = int(directory.name[len(_RUNTIME_PREFIX) :].split("-", 1)[0])
+            if directory.stat().st_uid != os.getuid() or _pid_exists(pid):
+                continue
+        except (ValueError, OSError):
+            continue
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _pid_exists(pid: int) -> bool:
+    """Whether a process with this id exists (signal 0 probes, sending nothing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def create_gateway_app(config: GatewayConfig, log_level: str = "warning") -> FastAPI:
     """The gateway app for `config`; workers start with the app (lifespan) and stop with it."""
     metrics = GatewayMetrics()
-    runtime_dir = Path(tempfile.mkdtemp(prefix="deepseek-cne-"))  # 0700: only this user reaches the workers
+    _remove_stale_runtime_dirs()
+    # 0700: only this user reaches the workers' sockets (the workers do not authenticate).
+    runtime_dir = Path(tempfile.mkdtemp(prefix=f"{_RUNTIME_PREFIX}{os.getpid()}-"))
     pool = WorkerPool(config.warm_pool, runtime_dir, config.worker_threads, log_level=log_level)
     capacities = {name: spec.max_num_seqs for name, spec in config.models.items()}
     services = Services(

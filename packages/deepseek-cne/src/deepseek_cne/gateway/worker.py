@@ -82,6 +82,42 @@ def _warm_up() -> None:
         engine.shutdown()
 
 
+_MADV_WILLNEED = 3
+_MADV_POPULATE_READ = 22  # Linux >= 5.14: map the pages now, without one fault per page
+
+
+def prefault_weights(model: Any) -> None:
+    """Map the memory-mapped weights' pages ahead of the first forward pass (which would fault them in one by one).
+
+    Runs in a background thread right after a load: ctypes drops the GIL during madvise, so on a spare core the
+    pages are mapped while the first request is being forwarded and computed, in the order the layers run.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import itertools
+    import mmap
+
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = mmap.PAGESIZE
+    seen: set[int] = set()
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.device.type != "cpu":
+            continue
+        storage = tensor.untyped_storage()
+        ptr, size = storage.data_ptr(), storage.nbytes()
+        if size == 0 or ptr in seen:
+            continue
+        seen.add(ptr)
+        start = ptr - ptr % page
+        if madvise(start, ptr + size - start, _MADV_POPULATE_READ) != 0:
+            madvise(start, ptr + size - start, _MADV_WILLNEED)  # older kernels: at least read ahead
+
+
 async def _send_json(send: Any, status: int, payload: dict[str, Any]) -> None:
     body = json.dumps(payload).encode()
     await send(
@@ -171,6 +207,9 @@ class WorkerApp:
             max_model_len=options.get("max_model_len"),
         )
         t1 = time.perf_counter()
+        threading.Thread(
+            target=prefault_weights, args=(engine.engine.model,), name="prefault", daemon=True
+        ).start()
         app = create_app(engine, served_model_name=options["name"], shutdown_engine=True, drain_timeout=5.0)
         lifespan = app.router.lifespan_context(app)
         await lifespan.__aenter__()
