@@ -19,11 +19,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import interleaved, machine_summary, print_table  # noqa: E402
-
 from deepseek_core import ModelConfig, Transformer, load_model, save_model  # noqa: E402
 
 
-def dense_forward(batch: int, seq: int, dtypes: list[str], layers: int, rounds: int) -> list[dict[str, object]]:
+def dense_forward(
+    batch: int, seq: int, dtypes: list[str], layers: int, rounds: int
+) -> list[dict[str, object]]:
     from transformers import AutoModelForCausalLM
 
     config = ModelConfig.from_preset("deepseek-134m", num_hidden_layers=layers)
@@ -41,9 +42,9 @@ def dense_forward(batch: int, seq: int, dtypes: list[str], layers: int, rounds: 
                 diff = (compiled(ids).float() - theirs(ids).logits.float()).abs().max().item()
                 times = interleaved(
                     {
-                        "ours": lambda: ours(ids),
-                        "compiled": lambda: compiled(ids),
-                        "transformers": lambda: theirs(ids).logits,
+                        "ours": lambda m=ours: m(ids),
+                        "compiled": lambda m=compiled: m(ids),
+                        "transformers": lambda m=theirs: m(ids).logits,
                     },
                     rounds=rounds,
                 )
@@ -59,7 +60,6 @@ def dense_forward(batch: int, seq: int, dtypes: list[str], layers: int, rounds: 
                         "max |dlogit|": f"{diff:.1e}",
                     }
                 )
-            del ours, compiled, theirs
     return rows
 
 
@@ -109,16 +109,18 @@ def moe_layer(tokens: int, dtypes: list[str], rounds: int) -> list[dict[str, obj
                 block.experts.gate_up_proj.copy_(ours.experts.gate_up_proj)
                 block.experts.down_proj.copy_(ours.experts.down_proj)
                 for name in ("gate_proj", "up_proj", "down_proj"):
-                    getattr(block.shared_experts, name).weight.copy_(getattr(ours.shared_experts, name).weight)
+                    getattr(block.shared_experts, name).weight.copy_(
+                        getattr(ours.shared_experts, name).weight
+                    )
             impls[impl] = block
         x = torch.randn(1, tokens, spec["hidden_size"], dtype=dtype)
         with torch.inference_mode():
             diff = (ours(x).float() - impls["eager"](x).float()).abs().max().item()
             times = interleaved(
                 {
-                    "ours": lambda: ours(x),
-                    "eager": lambda: impls["eager"](x),
-                    "grouped_mm": lambda: impls["grouped_mm"](x),
+                    "ours": lambda m=ours, x=x: m(x),
+                    "eager": lambda m=impls["eager"], x=x: m(x),
+                    "grouped_mm": lambda m=impls["grouped_mm"], x=x: m(x),
                 },
                 rounds=rounds,
             )
@@ -135,7 +137,9 @@ def moe_layer(tokens: int, dtypes: list[str], rounds: int) -> list[dict[str, obj
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--layers", type=int, default=12)
