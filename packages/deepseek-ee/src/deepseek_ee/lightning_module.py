@@ -64,7 +64,9 @@ class CausalLMModule(pl.LightningModule):
         super().__init__()
         if optimizer not in ("adamw", "adafactor"):
             raise ValueError(f"optimizer: must be 'adamw' or 'adafactor', got {optimizer!r}")
-        self.transformer = transformer
+        # Lightning keeps each module's train/eval mode; a model loaded for inference is in eval mode, which
+        # would silently disable activation checkpointing (it only runs in training mode).
+        self.transformer = transformer.train()
         self.config = config
         self.tokens_per_step = tokens_per_step
         self.optimizer_name = optimizer
