@@ -199,8 +199,8 @@ def test_prebuilt_datasets_and_packed_shards(tokenizer, corpus_text: str, tmp_pa
 def test_output_dir_url_and_missing_eval_data_are_clear_errors(
     tokenizer, corpus_file: Path, tmp_path: Path
 ) -> None:
-    with pytest.raises(NotImplementedError, match=r"output_dir='s3://bucket/run'.*deepseek_core\.storage"):
-        Trainer(_model(tokenizer), corpus_file, config=BASE, output_dir="s3://bucket/run")
+    with pytest.raises(ValueError, match=r"output_dir='ftp://bucket/run': unsupported URL scheme"):
+        Trainer(_model(tokenizer), corpus_file, config=BASE, output_dir="ftp://bucket/run")
     trainer = Trainer(
         _model(tokenizer),
         corpus_file,

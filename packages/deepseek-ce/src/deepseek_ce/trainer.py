@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from deepseek_core import storage
 from deepseek_core.training import (
     BatchOrder,
     DataError,
@@ -68,6 +69,7 @@ class TrainResult:
     elapsed_s: float  # wall time of fit(), evaluation and checkpoints included
     tokens_per_s: float  # training throughput (time in training steps only)
     stopped_by: str  # "max_steps" | "max_time_s" | "already_done"
+    checkpoint_url: str | None = None  # where `checkpoint` was published, when output_dir is a URL
 
 
 def default_device() -> torch.device:
@@ -86,6 +88,11 @@ class Trainer:
     eval_data is None), a directory of packed shards (deepseek_core.training.PackedShardDataset), or a torch
     Dataset whose items are LongTensor [seq] or {"input_ids": ..., "labels"?: ...}.
     All data problems are raised here, in the constructor, before any training step.
+
+    output_dir: a local directory, or an s3:// / gs:// URL (needs deepseek-core[cloud]): the run then works
+    in a local staging directory keyed by the URL, publishes every complete checkpoint and, at the end, the
+    loss curve and log to the URL, and resumes from the newest complete checkpoint found there (see
+    deepseek_ce.output). storage_options go to fsspec (e.g. {"endpoint_url": ...}).
     """
 
     def __init__(
@@ -99,6 +106,7 @@ class Trainer:
         device: str | torch.device | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         echo: bool = True,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         if config is not None and not isinstance(config, TrainingConfig):
             raise TypeError(f"config: expected a TrainingConfig, got {type(config).__name__}")
@@ -111,7 +119,7 @@ class Trainer:
             )
         self.module: nn.Module = module
         self.tokenizer = tokenizer if tokenizer is not None else getattr(self.facade, "tokenizer", None)
-        self.output: OutputLocation = resolve_output_dir(output_dir)
+        self.output: OutputLocation = resolve_output_dir(output_dir, storage_options)
         self.output_dir = self.output.local_dir
         self.device = torch.device(device) if device is not None else default_device()
         self.cache_dir = cache_dir
@@ -131,6 +139,7 @@ class Trainer:
         self.history: dict[str, list[tuple[int, float]]] = {"train": [], "eval": []}
         self._log: RunLog | None = None
         self._last_eval: tuple[int, dict[str, float]] | None = None
+        self.last_checkpoint_url: str | None = None
 
     # ------------------------------------------------------------------ setup
     def _resolve_precision(self) -> str:
@@ -308,8 +317,11 @@ class Trainer:
             training_config=self.config.to_dict(),
             keep_last=self.config.keep_last,
         )
-        self.output.publish(path)
         self.log(f"checkpoint step {self.step} -> {path}")
+        url = self.output.publish(path, keep_last=self.config.keep_last)
+        if url is not None:
+            self.last_checkpoint_url = url
+            self.log(f"checkpoint step {self.step} published -> {url}")
         return path
 
     def _restore(
@@ -370,13 +382,17 @@ class Trainer:
     def fit(self, resume: bool | str | os.PathLike[str] = True) -> TrainResult:
         """Train to config.max_steps (or config.max_time_s), checkpointing as configured.
 
-        resume=True continues from the latest complete checkpoint in output_dir when there is one (a
-        half-written one is never used); a path resumes from that checkpoint; False starts afresh.
+        resume=True continues from the latest complete checkpoint in output_dir (for a URL output_dir: the
+        newest complete one published there) when there is one (a half-written one is never used); a path
+        or an s3:// / gs:// checkpoint URL resumes from that checkpoint; False starts afresh.
         Raises TrainingDivergedError (naming the step) when the loss stops being finite.
         """
         cfg = self.config
         self.output_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_dirs(self.output_dir)
+        if self._log is None:
+            # A run resumed on another machine keeps appending to the log it published.
+            self.output.fetch_file(LOG_FILE, self.output_dir / LOG_FILE)
         module = self._prepare_module()
         module.train()
         optimizer = build_adamw(
@@ -494,6 +510,7 @@ class Trainer:
             self.history["eval"],
             title="deepseek-ce training loss",
         )
+        self.output.publish_file(curve)
         trained = self.tokens_seen - start_tokens
         result = TrainResult(
             steps=self.step,
@@ -509,6 +526,7 @@ class Trainer:
             elapsed_s=elapsed,
             tokens_per_s=trained / train_s if train_s > 0 else 0.0,
             stopped_by=stopped_by,
+            checkpoint_url=self.last_checkpoint_url,
         )
         self.log(
             f"done: {result.steps} steps, {result.tokens:,} tokens, {result.tokens_per_s:,.0f} tok/s"
@@ -518,16 +536,29 @@ class Trainer:
                 else ""
             )
             + f"; checkpoint {result.checkpoint}; loss curve {curve}"
+            + (f"; published to {self.output.url}" if self.output.is_remote else "")
         )
+        self.output.publish_file(self.output_dir / LOG_FILE)
         if self.facade is not None and hasattr(self.facade, "reset_engine"):
             self.facade.reset_engine()  # the engine must see the new weights
         return result
 
     def _resume_point(self, resume: bool | str | os.PathLike[str]) -> Path | None:
+        self.last_checkpoint_url = None
         if resume is False:
             return None
         if resume is True:
-            return latest_checkpoint(self.output_dir)
+            if not self.output.is_remote:
+                return latest_checkpoint(self.output_dir)
+            # The URL is the run's record: its newest complete checkpoint wins over the staging dir.
+            found = self.output.latest_checkpoint()
+            if found is None:
+                return None
+            self.last_checkpoint_url = found[1]
+            return found[0]
+        if storage.is_remote(os.fspath(resume)):
+            self.last_checkpoint_url = os.fspath(resume).rstrip("/")
+            return self.output.fetch(self.last_checkpoint_url)
         path = Path(resume)
         if not (path / COMPLETE_MARKER).is_file():
             raise ValueError(f"resume: {path} is not a complete checkpoint (no {COMPLETE_MARKER})")

@@ -276,3 +276,26 @@ def fetch_remote_checkpoint(
     if not (directory / COMPLETE_MARKER).is_file():
         raise CheckpointError(f"{url}: not a complete training checkpoint (no {COMPLETE_MARKER})")
     return directory
+
+
+def prune_remote_checkpoints(
+    output_url: str, keep_last: int, storage_options: dict[str, Any] | None = None
+) -> list[str]:
+    """Delete all but the newest `keep_last` complete checkpoints under `output_url`; returns their URLs.
+
+    Each one's manifest goes first, so an interrupted deletion leaves an incomplete prefix (skipped by every
+    reader), never a damaged checkpoint that looks complete.
+    """
+    from .. import storage
+
+    if keep_last < 1:
+        return []
+    found = list_remote_checkpoints(output_url, storage_options)
+    removed = []
+    for _, url in found[: max(0, len(found) - keep_last)]:
+        fs, path = storage._filesystem(url, storage_options)
+        fs.rm_file(f"{path}/{storage.MANIFEST_NAME}")
+        fs.rm(path, recursive=True)
+        fs.invalidate_cache(path)
+        removed.append(url)
+    return removed
