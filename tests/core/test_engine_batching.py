@@ -37,8 +37,12 @@ def _run(llm: LLM, schedule: dict[int, list[tuple[str, list[int], SamplingParams
     return finals
 
 
-@pytest.mark.parametrize("kind", ["llama_gqa", "deepseek_v3"])
-def test_mixed_batch_equals_each_alone(kind, engine_hf_checkpoint):
+@pytest.mark.parametrize(
+    ("kind", "per_sequence"), [("llama_gqa", False), ("deepseek_v3", False), ("llama_gqa", True)]
+)
+def test_mixed_batch_equals_each_alone(kind, per_sequence, engine_hf_checkpoint, monkeypatch):
+    if per_sequence:  # decode attention one sequence at a time (long contexts on CPU)
+        monkeypatch.setattr("deepseek_core.engine.runner._LOOP_MIN_BYTES", 0)
     directory, _ = engine_hf_checkpoint(kind)
     llm = LLM(str(directory), max_num_seqs=4, max_num_batched_tokens=16, block_size=4)
     vocab = llm.config.vocab_size

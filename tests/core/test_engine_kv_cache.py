@@ -58,3 +58,19 @@ def test_block_allocator():
     assert alloc.allocate(2) == [1, 3]
     with pytest.raises(RuntimeError, match="freed twice"):
         alloc.free([0, 0])
+
+
+def test_allocator_keeps_growing_sequences_consecutive():
+    alloc = BlockAllocator(40)
+    a, b = object(), object()
+    first_a = alloc.allocate(3, owner=a, reserve=10)  # room to grow to 10 blocks
+    first_b = alloc.allocate(3, owner=b, reserve=10)
+    assert first_a == [0, 1, 2] and first_b == [10, 11, 12]  # b starts past a's reservation
+    assert alloc.allocate(2, owner=a, after=2) == [3, 4] and alloc.allocate(1, owner=b, after=12) == [13]
+    # A newcomer that finds no unreserved run large enough still gets blocks (reservations are soft).
+    c = object()
+    assert alloc.allocate(15, owner=c, reserve=30) == list(range(20, 35))
+    d = alloc.allocate(8, owner=object(), reserve=8)
+    assert len(d) == 8 and alloc.num_free == 40 - 3 - 3 - 2 - 1 - 15 - 8
+    alloc.free(first_a + [3, 4], owner=a)
+    assert alloc.allocate(5, owner=object(), reserve=5) == [0, 1, 2, 3, 4]  # a's room is free again

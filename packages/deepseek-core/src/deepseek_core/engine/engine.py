@@ -93,7 +93,7 @@ class EngineCore:
         self.max_model_len = min(wanted_len, self.cache.capacity_tokens)
         if max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens: must be >= 1, got {max_num_batched_tokens}")
-        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens)
+        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, self.max_model_len)
         self.runner = ModelRunner(model, self.cache)
         eos = set(self.config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -140,6 +140,7 @@ class EngineCore:
             raise ValueError("num_kv_blocks: cuda_graphs needs at least 2 blocks (one is scratch)")
         scratch = self.cache.allocator.allocate(1)[0]
         self.max_model_len = min(self.max_model_len, usable)
+        self.scheduler.max_model_len = self.max_model_len
         self.runner.enable_static_decode(scratch, self.scheduler.max_num_seqs, self.max_model_len, capture)
 
     # ------------------------------------------------------------------ requests

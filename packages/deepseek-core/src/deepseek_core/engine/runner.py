@@ -45,6 +45,12 @@ def _slots(block_table: list[int], start: int, end: int, block_size: int) -> lis
     return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
+# Per-sequence decode attention (views, no padding) pays ~5 small ops per sequence and layer; gathering all
+# sequences into one padded batch pays a copy of their keys. Past this many key bytes per sequence and layer
+# the copy costs more (CPU; on CUDA the batched SDPA always wins).
+_LOOP_MIN_BYTES = 128 * 1024
+
+
 class Workspace:
     """Grow-only scratch buffers for the per-layer gathers (CPU).
 
@@ -92,6 +98,9 @@ class PagedAttention:
         self.decode_blocks: torch.Tensor | None = None
         self.decode_valid: torch.Tensor | None = None
         self.decode_len = 0  # keys per decode sequence as gathered (n_blocks * bs, or the range length)
+        # Or, per sequence (CPU, long contexts): (first slot, None, length) for consecutive blocks read
+        # through a view, (None, blocks, length) for a sequence whose blocks must be gathered.
+        self.decode_seqs: list[tuple[int, torch.Tensor | None, int]] | None = None
         self.prefills: list[_Prefill] = []
 
     @classmethod
@@ -133,9 +142,22 @@ class PagedAttention:
         if decodes:
             lengths = [c.start + 1 for c in decodes]
             n_blocks = -(-max(lengths) // bs)
-            table = decodes[0].seq.block_table
-            if len(decodes) == 1 and table[:n_blocks] == list(range(table[0], table[0] + n_blocks)):
-                view.decode_range = (table[0] * bs, lengths[0])  # a view, no gather
+            per_token = cache.bytes_per_token // cache.config.num_hidden_layers
+            if not view.use_sdpa_decode and (
+                len(decodes) == 1 or sum(lengths) * per_token >= _LOOP_MIN_BYTES * len(decodes)
+            ):
+                # One attention per sequence over its own keys: a view when its blocks are consecutive.
+                view.decode_seqs = []
+                for c, length in zip(decodes, lengths):
+                    need = -(-length // bs)
+                    table = c.seq.block_table
+                    if c.seq.num_contiguous_blocks >= need:
+                        view.decode_seqs.append((table[0] * bs, None, length))
+                    else:
+                        seq_blocks = torch.tensor(table[:need], dtype=torch.long, device=device)
+                        view.decode_seqs.append((0, seq_blocks, length))
+            elif len(decodes) == 1 and decodes[0].seq.num_contiguous_blocks >= n_blocks:
+                view.decode_range = (decodes[0].seq.block_table[0] * bs, lengths[0])  # a view, no gather
                 view.decode_len = lengths[0]
             else:
                 tables = [c.seq.block_table[:n_blocks] for c in decodes]
@@ -184,6 +206,44 @@ class PagedAttention:
                 paged, dim, blocks, out=self.workspace.get(name, shape, cache_tensor.dtype)
             )
         return out.view(heads, -1, width) if head_major else out.view(-1, width)
+
+    def _seq_keys(
+        self,
+        name: str,
+        cache_tensor: torch.Tensor,
+        entry: tuple[int, torch.Tensor | None, int],
+        head_major: bool,
+    ) -> torch.Tensor:
+        """One decode sequence's cached entries: dense [KVH, L, D], MLA [L, E]."""
+        first, blocks, length = entry
+        dim = 1 if head_major else 0
+        if blocks is None:
+            return cache_tensor.narrow(dim, first, length)
+        return self._gather(name, cache_tensor, blocks, head_major).narrow(dim, 0, length)
+
+    def _decode_loop(
+        self, q: torch.Tensor, caches: tuple[torch.Tensor, ...], value_width: int | None, scale: float
+    ) -> torch.Tensor:
+        """Decode attention one sequence at a time (no padding, views where possible): q [H, B, D] -> [H, B, Dv].
+
+        caches: (key, value) dense caches [KVH, slots, D], or (latent,) for MLA, whose keys are the whole
+        latent+rope row and whose values are its first `value_width` columns.
+        """
+        assert self.decode_seqs is not None
+        heads = q.shape[0]
+        outs = []
+        for i, entry in enumerate(self.decode_seqs):
+            if len(caches) == 2:
+                k = self._seq_keys("key", caches[0], entry, head_major=True)  # [KVH, L, D]
+                v = self._seq_keys("value", caches[1], entry, head_major=True)
+                query = q[:, i].reshape(k.shape[0], heads // k.shape[0], q.shape[-1])  # [KVH, G, D]
+            else:
+                rows = self._seq_keys("latent", caches[0], entry, head_major=False)  # [L, E]
+                k, v, query = rows, rows[:, :value_width], q[:, i]  # one latent "head" for all H heads
+            scores = torch.matmul(query, k.transpose(-1, -2)).float() * scale
+            probs = scores.softmax(dim=-1).to(v.dtype)
+            outs.append(torch.matmul(probs, v).reshape(heads, -1))
+        return torch.stack(outs, dim=1)
 
     def _decode_keys(self, name: str, cache_tensor: torch.Tensor, head_major: bool) -> torch.Tensor:
         """Dense: [KVH, B, L, D]; MLA: [B, L, E] (L = decode_len)."""
@@ -244,9 +304,12 @@ class PagedAttention:
         parts = []
         if self.num_decode:
             q = query[0, :, : self.num_decode]  # [H, B, D]
-            k = self._decode_keys("key", key_cache, head_major=True)  # [KVH, B, L, D]
-            v = self._decode_keys("value", value_cache, head_major=True)
-            parts.append(self._decode_attention(q, k, v, scale))
+            if self.decode_seqs is not None:
+                parts.append(self._decode_loop(q, (key_cache, value_cache), None, scale))
+            else:
+                k = self._decode_keys("key", key_cache, head_major=True)  # [KVH, B, L, D]
+                v = self._decode_keys("value", value_cache, head_major=True)
+                parts.append(self._decode_attention(q, k, v, scale))
         for p in self.prefills:
             q = query[:, :, p.offset : p.offset + p.length]
             if p.history_blocks is None:
@@ -284,10 +347,11 @@ class PagedAttention:
             b = self.num_decode
             q_latent = torch.bmm(q_nope[0, :, :b], w_key)  # [H, B, r]: absorbed into latent space
             q = torch.cat((q_latent, q_pe[0, :, :b]), dim=-1)  # [H, B, r + rope]
-            rows = self._decode_keys("latent", latent_cache, head_major=False).unsqueeze(
-                0
-            )  # [1, B, L, r+rope]
-            out = self._decode_attention(q, rows, rows[..., :rank], scale)  # [H, B, r]
+            if self.decode_seqs is not None:
+                out = self._decode_loop(q, (latent_cache,), rank, scale)  # [H, B, r]
+            else:
+                rows = self._decode_keys("latent", latent_cache, head_major=False)[None]  # [1, B, L, E]
+                out = self._decode_attention(q, rows, rows[..., :rank], scale)  # [H, B, r]
             parts.append(torch.bmm(out, w_value.transpose(1, 2)))  # [H, B, v]
         query = torch.cat((q_nope, q_pe), dim=-1) if self.prefills else None
         for p in self.prefills:

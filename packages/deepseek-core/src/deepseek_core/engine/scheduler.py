@@ -57,7 +57,9 @@ class SchedulerOutput:
 class Scheduler:
     """Holds the waiting and running queues (both ordered by arrival) and plans each step."""
 
-    def __init__(self, cache: KVCache, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self, cache: KVCache, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int | None = None
+    ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs: must be >= 1, got {max_num_seqs}")
         if max_num_batched_tokens < 1:
@@ -65,6 +67,7 @@ class Scheduler:
         self.cache = cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len or cache.capacity_tokens
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -136,18 +139,33 @@ class Scheduler:
 
     # ------------------------------------------------------------------ blocks
     def _ensure_blocks(self, seq: Sequence, num_tokens: int) -> bool:
-        need = self.cache.blocks_needed(num_tokens) - len(seq.block_table)
+        table = seq.block_table
+        need = self.cache.blocks_needed(num_tokens) - len(table)
         if need <= 0:
             return True
-        if need > self.cache.allocator.num_free:
+        allocator = self.cache.allocator
+        if need > allocator.num_free:
             return False
-        seq.block_table.extend(self.cache.allocator.allocate(need))
+        if table:
+            new = allocator.allocate(need, owner=seq, after=table[-1])
+        else:  # first blocks: reserve room for the expected final length, so growth stays consecutive
+            final = min(seq.num_prompt_tokens + seq.params.max_tokens, self.max_model_len)
+            new = allocator.allocate(need, owner=seq, reserve=self.cache.blocks_needed(final))
+        if seq.num_contiguous_blocks == len(table):
+            run, prev = len(table), (table[-1] if table else new[0] - 1)
+            for b in new:
+                if b != prev + 1:
+                    break
+                run, prev = run + 1, b
+            seq.num_contiguous_blocks = run
+        table.extend(new)
         return True
 
     def _free_blocks(self, seq: Sequence) -> None:
         if seq.block_table:
-            self.cache.allocator.free(seq.block_table)
+            self.cache.allocator.free(seq.block_table, owner=seq)
             seq.block_table = []
+        seq.num_contiguous_blocks = 0
 
     def _preempt(self, seq: Sequence) -> None:
         """Free `seq`'s blocks and queue it for recomputation (it keeps its output tokens)."""
