@@ -237,14 +237,18 @@ def _connect(client: Any, scheduler: str | None, n_workers: int) -> Iterator[Any
         with Client(scheduler, timeout=30) as remote:
             yield remote
         return
-    cluster = LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=None,
-        silence_logs=logging.CRITICAL,  # bad-data errors reach the client as DataError
-        env={"TOKENIZERS_PARALLELISM": "false"},  # each worker process uses one core
-    )
+    import dask
+
+    # the workers' statistical profiler samples stacks every 10 ms: CPU that tokenization can use
+    with dask.config.set({"distributed.worker.profile.enabled": False}):
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.CRITICAL,  # bad-data errors reach the client as DataError
+            env={"TOKENIZERS_PARALLELISM": "false"},  # each worker process uses one core
+        )
     try:
         with Client(cluster) as local:
             yield local

@@ -12,7 +12,7 @@ import itertools
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,15 +68,26 @@ def marker_path(output_dir: str | os.PathLike[str], task: Task) -> Path:
     return Path(output_dir) / DONE_DIR / f"task-{task.name}.json"
 
 
-def load_tokenizer(directory: str, sha256: str) -> Any:
-    """The worker-local tokenizer, loaded from `directory` on first use."""
-    key = (directory, sha256)
-    tok = _TOKENIZERS.get(key)
-    if tok is None:
-        from deepseek_core import Tokenizer
+def load_tokenizer(directory: str, sha256: str) -> Callable[[list[str]], list[list[int]]]:
+    """The worker-local batch encoder of the tokenizer stored in `directory`, loaded on first use.
 
-        tok = _TOKENIZERS[key] = Tokenizer.from_pretrained(directory)
-    return tok
+    It is the tokenizer.json that the client wrote with deepseek_core.Tokenizer, encoded without special
+    tokens: exactly deepseek_core.Tokenizer.encode(text, add_special_tokens=False). It calls the
+    tokenizers library's encode_batch_fast where available (no character offsets: ~20% less CPU).
+    """
+    key = (directory, sha256)
+    encode = _TOKENIZERS.get(key)
+    if encode is None:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+        batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
+
+        def encode(texts: list[str]) -> list[list[int]]:
+            return [e.ids for e in batch(texts, add_special_tokens=False)]
+
+        _TOKENIZERS[key] = encode
+    return encode
 
 
 class ShardWriter:
@@ -153,7 +164,7 @@ def run_task(
 def _tokenize(
     task: Task, sources: dict[int, SourceFile], settings: TaskSettings, file_info: dict[str, dict[str, Any]]
 ) -> dict[str, Any]:
-    tok = load_tokenizer(settings.tokenizer_dir, settings.tokenizer_sha256)
+    encode = load_tokenizer(settings.tokenizer_dir, settings.tokenizer_sha256)
     eos = settings.eos_token_id if settings.append_eos else None
     skipped: list[dict[str, Any]] = []
 
@@ -169,7 +180,7 @@ def _tokenize(
             info = file_info.setdefault(str(src.index), {"tokens": 0})
             reader = PieceReader(src, piece, settings.text_field, report, settings.storage_options)
             for texts, ends in _batches(reader, settings.batch_chars):
-                encoded = tok.encode_batch(texts, add_special_tokens=False)
+                encoded = encode(texts)
                 if eos is not None:
                     encoded = [ids + [eos] if end else ids for ids, end in zip(encoded, ends)]
                 count = sum(len(ids) for ids in encoded)
