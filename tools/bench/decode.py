@@ -14,7 +14,9 @@ one run, with ratios:
 
     python tools/bench/decode.py --quick                       # a few minutes on a laptop CPU
     python tools/bench/decode.py                               # the full figures (CPU: long)
-    python tools/bench/decode.py --device cuda --preset deepseek-llm-7b-base --dtypes bfloat16
+    python tools/bench/decode.py --device cuda --preset deepseek-llm-7b-base --dtypes bfloat16 --cuda-graphs
+
+On CPU, --threads 1 gives steadier figures on a shared machine.
 """
 
 from __future__ import annotations
@@ -239,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mixed-dtype", default="float32", help="dtype of the mixed workload ('' to skip)")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers (report our figures only)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="our decode steps as CUDA graphs (CUDA)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -258,7 +261,12 @@ def main(argv: list[str] | None = None) -> None:
         dtype = getattr(torch, dtype_name)
         with tempfile.TemporaryDirectory() as tmp:
             config, model, hf = build_models(args.preset, args.layers, dtype, device, not args.no_hf, tmp)
-            llm = LLM(model, max_num_seqs=1, max_model_len=args.prompt_len + args.new_tokens + 16)
+            llm = LLM(
+                model,
+                max_num_seqs=1,
+                max_model_len=args.prompt_len + args.new_tokens + 16,
+                cuda_graphs=args.cuda_graphs,
+            )
             if hf is None:
                 with torch.inference_mode():
                     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
@@ -297,7 +305,12 @@ def main(argv: list[str] | None = None) -> None:
             f"{sum(len(p) for p, _ in requests)} prompt / {sum(n for _, n in requests)} output tokens, "
             f"{args.mixed_dtype}"
         )
-        llm = LLM(model, max_num_seqs=n_requests, max_model_len=max_prompt + max_output + 16)
+        llm = LLM(
+            model,
+            max_num_seqs=n_requests,
+            max_model_len=max_prompt + max_output + 16,
+            cuda_graphs=args.cuda_graphs,
+        )
         llm.generate([[2, 3, 4]], SamplingParams(max_tokens=4))  # warm-up
         results = {"ours (continuous batching)": run_engine_workload(llm, requests, device)}
         if hf is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
 import threading
 import time
@@ -31,7 +32,8 @@ from .sequence import Sequence, SequenceStatus
 PromptType = str | Seq[int]
 log = logging.getLogger(__name__)
 
-_DEFAULT_CPU_CACHE_BYTES = 1 << 30
+_CPU_CACHE_MAX_BYTES = 4 << 30
+_CPU_CACHE_RAM_FRACTION = 0.2
 _AUTO_PREPACK_MAX_BYTES = 4 << 30
 _CUDA_CACHE_FRACTION = 0.6  # of the memory free after loading the model
 
@@ -40,7 +42,11 @@ def _default_cache_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * _CUDA_CACHE_FRACTION)
-    return _DEFAULT_CPU_CACHE_BYTES
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        ram = 8 << 30
+    return int(min(_CPU_CACHE_MAX_BYTES, ram * _CPU_CACHE_RAM_FRACTION))
 
 
 class EngineCore:

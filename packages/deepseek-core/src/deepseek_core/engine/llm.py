@@ -75,7 +75,8 @@ class LLM:
 
     model_or_dir: a Transformer (tokenizer optional: without one, prompts are token ids and text is empty)
     or a checkpoint directory. The KV-cache pool is sized by `num_kv_blocks` or `kv_cache_bytes` (default:
-    enough for max_num_seqs full-length sequences, capped at 1 GiB on CPU / 60 % of free GPU memory).
+    enough for max_num_seqs full-length sequences, capped at min(4 GiB, 20 % of RAM) on CPU and 60 % of free
+    GPU memory on CUDA; a sequence must fit alone, so the pool also caps max_model_len).
     """
 
     def __init__(
