@@ -9,6 +9,7 @@ out again (and the `usage: null` field of every chunk), so the client sees exact
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 _EVENT_END = b"\n\n"
 _DATA = b"data: "
 _NULL_USAGE = b',"usage":null}'  # how core's formatting (compact separators) ends a chunk without usage
+COALESCE_S = 0.01
 
 
 @dataclass
@@ -199,17 +201,49 @@ def upstream_error_event(exc: Exception) -> bytes:
 
 
 async def relay(
-    response: httpx.Response, sse_filter: SSEFilter, on_error: Any = None
+    response: httpx.Response, sse_filter: SSEFilter, on_error: Any = None, coalesce_s: float = COALESCE_S
 ) -> AsyncGenerator[bytes, None]:
-    """Forward the worker's events as they come; closing the generator closes the upstream request."""
+    """Forward the worker's events; closing the generator closes the upstream request.
+
+    Once tokens flow, a stream sends at most once per `coalesce_s`: the events that arrive meanwhile go out
+    together. A fast stream then costs a few socket writes instead of one per token (the first token is
+    never held back), which keeps the gateway light when a tenant floods it.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
+
+    async def read() -> None:
+        try:
+            async for data in response.aiter_raw():
+                queue.put_nowait(data)
+            queue.put_nowait(None)
+        except httpx.TransportError as exc:
+            queue.put_nowait(exc)
+
+    reader = loop.create_task(read())
+    next_send = 0.0
     try:
-        async for data in response.aiter_raw():
-            chunk = sse_filter.feed(data)
+        finished = False
+        while not finished:
+            items = [await queue.get()]
+            if sse_filter.exchange.first_token_at is not None and loop.time() < next_send:
+                await asyncio.sleep(next_send - loop.time())
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            parts = []
+            for item in items:
+                if item is None:
+                    finished = True
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    parts.append(item)
+            chunk = sse_filter.feed(b"".join(parts))
+            if finished:
+                chunk += sse_filter.flush()
             if chunk:
                 yield chunk
-        rest = sse_filter.flush()
-        if rest:
-            yield rest
+                next_send = loop.time() + coalesce_s
     except httpx.TransportError as exc:
         log.error("worker stream failed: %s", exc)
         sse_filter.exchange.record.error = f"upstream: {type(exc).__name__}: {exc}"
@@ -218,4 +252,6 @@ async def relay(
         yield upstream_error_event(exc)
         yield SSE_DONE
     finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
         await response.aclose()
