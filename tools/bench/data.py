@@ -298,8 +298,9 @@ def speed(work: Path, tok_dir: Path, size: int, workers: int, gen: TextGen) -> l
     same_e2e = index.total_tokens == n_base and stream_sha256(work / "e2e") == base_sha
 
     import dask
+    from deepseek_ee.data.pipeline import _LOCAL_CLUSTER_CONFIG
 
-    dask.config.set({"distributed.worker.profile.enabled": False})  # as prepare_dataset's own LocalCluster
+    dask.config.set(_LOCAL_CLUSTER_CONFIG)  # as prepare_dataset's own LocalCluster
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                            silence_logs=logging.CRITICAL, env={"TOKENIZERS_PARALLELISM": "false"})  # fmt: skip
     with Client(cluster) as client:
