@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from deepseek_core import ModelConfig, Transformer
-from deepseek_core.engine import LLM, BlockAllocator, KVCache
+from deepseek_core.engine import LLM, BlockAllocator, KVCache, SamplingParams
 from deepseek_core.engine.kv_cache import NoFreeBlocksError
 
 from .hf_tiny import TINY_CONFIGS
@@ -74,3 +74,23 @@ def test_allocator_keeps_growing_sequences_consecutive():
     assert len(d) == 8 and alloc.num_free == 40 - 3 - 3 - 2 - 1 - 15 - 8
     alloc.free(first_a + [3, 4], owner=a)
     assert alloc.allocate(5, owner=object(), reserve=5) == [0, 1, 2, 3, 4]  # a's room is free again
+
+
+@pytest.mark.parametrize("kind", ["llama_gqa", "deepseek_v2"])
+def test_unwritten_cache_memory_never_leaks_into_outputs(kind):
+    """The pool is allocated uninitialized; blocks are zeroed when first handed out. Poison the whole pool
+    with NaN: masked reads of never-written slots (block tails, padding) must still not produce NaN."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_dict(TINY_CONFIGS[kind])).eval()
+    clean = LLM(model, max_num_seqs=4, max_num_batched_tokens=8, block_size=8)
+    poisoned = LLM(model, max_num_seqs=4, max_num_batched_tokens=8, block_size=8)
+    cache = poisoned.engine.cache
+    for t in cache.latent + cache.key + cache.value:
+        t.fill_(float("nan"))
+    cache._fresh = bytearray(b"\x01") * cache.num_blocks
+    cache.zero_fresh([0])
+    prompts = [[3, 4, 5], list(range(7, 30)), [9] * 12, [11] * 5]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0)
+    want, got = clean.generate(prompts, params), poisoned.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert all(lp.logprob == lp.logprob for o in got for lp in o.logprobs)  # no NaN

@@ -145,6 +145,7 @@ class EngineCore:
         if usable < 1:
             raise ValueError("num_kv_blocks: cuda_graphs needs at least 2 blocks (one is scratch)")
         scratch = self.cache.allocator.allocate(1)[0]
+        self.cache.zero_fresh([scratch])
         self.max_model_len = min(self.max_model_len, usable)
         self.scheduler.max_model_len = self.max_model_len
         self.runner.enable_static_decode(scratch, self.scheduler.max_num_seqs, self.max_model_len, capture)

@@ -163,11 +163,30 @@ class KVCache:
         self.latent: list[torch.Tensor] = []
         self.key: list[torch.Tensor] = []
         self.value: list[torch.Tensor] = []
+        # Uninitialized memory: pages are committed as blocks get used, not all up front. A block is zeroed
+        # the first time it is handed out (zero_fresh), because masked attention still multiplies the
+        # values it skips by 0, and 0 * NaN-garbage would be NaN.
         if self.is_mla:
-            self.latent = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layers)]
+            self.latent = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(layers)]
         else:
-            self.key = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layers)]
-            self.value = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layers)]
+            self.key = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(layers)]
+            self.value = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(layers)]
+        self._fresh = bytearray(b"\x01") * num_blocks
+        self.zero_fresh([0])  # block 0 also pads gathers of short block tables
+
+    def zero_fresh(self, blocks: list[int]) -> None:
+        """Zero the blocks among `blocks` that were never zeroed (call when handing blocks out)."""
+        fresh = [b for b in blocks if self._fresh[b]]
+        if not fresh:
+            return
+        index = torch.tensor(fresh, dtype=torch.long, device=self.device)
+        bs = self.block_size
+        for t in self.latent:
+            t.view(-1, bs, t.shape[-1]).index_fill_(0, index, 0)
+        for t in self.key + self.value:
+            t.view(t.shape[0], -1, bs, t.shape[-1]).index_fill_(1, index, 0)
+        for b in fresh:
+            self._fresh[b] = 0
 
     @property
     def capacity_tokens(self) -> int:

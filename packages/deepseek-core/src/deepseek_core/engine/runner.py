@@ -99,7 +99,7 @@ class PagedAttention:
         self.decode_valid: torch.Tensor | None = None
         self.decode_len = 0  # keys per decode sequence as gathered (n_blocks * bs, or the range length)
         # Or, per sequence (CPU, long contexts): (first slot, None, length) for consecutive blocks read
-        # through a view, (None, blocks, length) for a sequence whose blocks must be gathered.
+        # through a view, (0, blocks, length) for a sequence whose blocks must be gathered.
         self.decode_seqs: list[tuple[int, torch.Tensor | None, int]] | None = None
         self.prefills: list[_Prefill] = []
 

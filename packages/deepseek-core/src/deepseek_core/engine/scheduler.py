@@ -158,6 +158,7 @@ class Scheduler:
                     break
                 run, prev = run + 1, b
             seq.num_contiguous_blocks = run
+        self.cache.zero_fresh(new)
         table.extend(new)
         return True
 
