@@ -169,7 +169,9 @@ class CausalLMModule(pl.LightningModule):
                 self._grad_norm = None
                 return
             if math.isinf(max_norm):
-                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+                norm = torch.nn.utils.get_total_norm(
+                    [p.grad for p in params if p.grad is not None], foreach=True
+                )
             else:
                 norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         self._grad_norm = float(norm)
