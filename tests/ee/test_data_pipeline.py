@@ -494,6 +494,9 @@ def test_bad_arguments_are_refused(tokenizer_dir: Path, corpus: Path, tmp_path: 
         prepare_dataset(str(tmp_path / "notes.csv"), tmp_path / "b", tokenizer_dir, progress=False)
     with pytest.raises(ValueError, match="on_error"):
         prepare_dataset(str(corpus), tmp_path / "c", tokenizer_dir, on_error="ignore")
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        prepare_dataset(str(corpus), tmp_path / "d", tokenizer_dir, chunk_bytes=10)
+    assert not any((tmp_path / name).exists() for name in "abcd")  # nothing written for refused arguments
 
 
 # ---------------------------------------------------------------------- object storage

@@ -138,9 +138,10 @@ def run_prepare(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
     except DataError as exc:
-        raise CommandError(
-            f"{exc}\n(finished shards are kept: fix the input or use --on-error skip, then rerun)", 1
-        ) from None
+        hint = ""
+        if exc.line is not None or exc.row is not None:
+            hint = "\n(fix the record or pass --on-error skip; a rerun keeps the shards already finished)"
+        raise CommandError(f"{exc}{hint}", 1) from None
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         raise CommandError(str(exc), 2) from None
     if index.skipped and args.quiet:  # the summary is printed by prepare_dataset unless quiet

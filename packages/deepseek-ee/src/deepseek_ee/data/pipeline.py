@@ -81,11 +81,12 @@ def prepare_dataset(
         raise ValueError(f"n_workers must be >= 1, got {n_workers}")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    storage_options = dict(storage_options or {})
+    log = _Log(progress)
+    sources = discover([inputs] if isinstance(inputs, str) else list(inputs), storage_options)
     out = Path(output_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     (out / DONE_DIR).mkdir(exist_ok=True)
-    storage_options = dict(storage_options or {})
-    log = _Log(progress)
 
     with _exclusive(out):
         tok_meta, tok_dir = _store_tokenizer(tokenizer, out)
@@ -106,7 +107,6 @@ def prepare_dataset(
             on_error=on_error,
             storage_options=storage_options,
         )
-        sources = discover([inputs] if isinstance(inputs, str) else list(inputs), storage_options)
         chunk_bytes = task_bytes(sum(s.size for s in sources), chunk_bytes)
         tasks = plan_tasks(sources, chunk_bytes, storage_options)
         fingerprints = [task_fingerprint(t, sources, settings.fingerprint()) for t in tasks]
