@@ -240,10 +240,9 @@ class PagedAttention:
             else:
                 rows = self._seq_keys("latent", caches[0], entry, head_major=False)  # [L, E]
                 k, v, query = rows, rows[:, :value_width], q[:, i]  # one latent "head" for all H heads
-            scores = torch.matmul(query, k.transpose(-1, -2)).float() * scale
-            probs = scores.softmax(dim=-1).to(v.dtype)
-            outs.append(torch.matmul(probs, v).reshape(heads, -1))
-        return torch.stack(outs, dim=1)
+            scores = torch.matmul(query.float(), k.float().transpose(-1, -2)) * scale
+            outs.append(torch.matmul(scores.softmax(dim=-1), v.float()).reshape(heads, -1))
+        return torch.stack(outs, dim=1).to(q.dtype)
 
     def _decode_keys(self, name: str, cache_tensor: torch.Tensor, head_major: bool) -> torch.Tensor:
         """Dense: [KVH, B, L, D]; MLA: [B, L, E] (L = decode_len)."""
@@ -262,8 +261,9 @@ class PagedAttention:
     ) -> torch.Tensor:
         """One query token per sequence, head-major: q [H, B, D], k [KVH, B, L, D], v [KVH, B, L, Dv] -> [H, B, Dv].
 
-        On CUDA this is SDPA. On CPU, batched matmuls + a float32 softmax: each KV head serves its group of
-        query heads without repeating K/V, faster than the CPU SDPA kernels for single-token queries.
+        On CUDA this is SDPA. On CPU, batched matmuls in float32 (CPU bf16 matmuls on such skinny shapes are
+        slower than upcasting): each KV head serves its group of query heads without repeating K/V, faster
+        than the CPU SDPA kernels for single-token queries.
         """
         heads, batch, _ = q.shape
         kv_heads = k.shape[0]
@@ -279,12 +279,11 @@ class PagedAttention:
             )  # [B, H, 1, Dv]
             return out.squeeze(2).transpose(0, 1)
         grouped = q.reshape(kv_heads, heads // kv_heads, batch, q.shape[-1]).transpose(1, 2)  # [KVH, B, G, D]
-        scores = torch.matmul(grouped, k.transpose(-1, -2)).float() * scale  # [KVH, B, G, L]
+        scores = torch.matmul(grouped.float(), k.float().transpose(-1, -2)) * scale  # [KVH, B, G, L]
         if self.decode_valid is not None:
             scores = scores.masked_fill(~self.decode_valid.view(1, batch, 1, -1), float("-inf"))
-        probs = scores.softmax(dim=-1).to(v.dtype)
-        out = torch.matmul(probs, v)  # [KVH, B, G, Dv]
-        return out.transpose(1, 2).reshape(heads, batch, v.shape[-1])
+        out = torch.matmul(scores.softmax(dim=-1), v.float())  # [KVH, B, G, Dv]
+        return out.transpose(1, 2).reshape(heads, batch, v.shape[-1]).to(q.dtype)
 
     @staticmethod
     def _join(parts: list[torch.Tensor]) -> torch.Tensor:
