@@ -17,6 +17,7 @@ from deepseek_core.quant import (
     dequantize_weight,
     dynamic_linear,
     kernels,
+    quantize_activations,
     quantize_model,
     quantize_weight,
     save_quantized_model,
@@ -148,6 +149,20 @@ def test_dynamic_linear_is_exact_integer_arithmetic(m, k, n):
     # and close to the float product, within activation + weight rounding
     ref = x.double() @ dequantize_weight(q, scale, torch.float64).t() + bias.double()
     assert (out.double() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("m", [1, 7, 16, 40])  # < 16 rows: the VNNI kernel (where built); else torch._int_mm
+def test_dynamic_paths_agree_bit_for_bit(m, monkeypatch):
+    torch.manual_seed(m)
+    x = torch.randn(2, m, 72) * 4
+    q, scale = quantize_weight(torch.randn(24, 72))
+    bias = torch.randn(24)
+    native = dynamic_linear(x, q, scale, bias)
+    rows = x.reshape(-1, 72)
+    if kernels.native_library() is not None:
+        assert all(torch.equal(a, b) for a, b in zip(kernels.quantize_rows(rows), quantize_activations(rows)))
+    monkeypatch.setattr(kernels, "native_library", lambda: None)
+    assert torch.equal(dynamic_linear(x, q, scale, bias), native)
 
 
 def test_int8_linear_close_to_float_linear():

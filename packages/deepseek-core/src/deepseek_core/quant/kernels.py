@@ -29,7 +29,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "int8_gemm.c"
-_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11"]
+# -ffp-contract=off: no implicit FMA contraction, so the dynamic kernels round exactly like the torch path.
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11"]
 
 
 def cache_dir() -> Path:
@@ -105,31 +106,58 @@ def native_library() -> ctypes.CDLL | None:
     # (x, x_stride, w, scale, bias, y, M, N, K, nthreads)
     lib.ds_int8_wo_gemm.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.ds_int8_wo_gemm.restype = None
+    # (x, x_stride, M, K, q, scale)
+    lib.ds_quantize_rows.argtypes = [ptr, i64, i64, i64, ptr, ptr]
+    lib.ds_quantize_rows.restype = None
+    # (acc, M, N, x_scale, w_scale, bias, out)
+    lib.ds_rescale.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr]
+    lib.ds_rescale.restype = None
     lib.ds_int8_kernel_isa.restype = ctypes.c_int
+    lib.ds_int8_has_vnni.restype = ctypes.c_int
+    # (x, x_stride, w, w_scale, bias, y, M, N, K, nthreads) -> 0 | -1
+    lib.ds_int8_dyn_gemm.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    lib.ds_int8_dyn_gemm.restype = ctypes.c_int
     return lib
 
 
 def kernel_isa() -> str:
-    """'avx2', 'generic' (portable C) or 'none' (no native library)."""
+    """'avx2' or 'avx2+vnni' (x86 paths), 'generic' (portable C) or 'none' (no native library)."""
     lib = native_library()
     if lib is None:
         return "none"
-    return "avx2" if lib.ds_int8_kernel_isa() == 2 else "generic"
+    isa = "avx2" if lib.ds_int8_kernel_isa() == 2 else "generic"
+    return f"{isa}+vnni" if lib.ds_int8_has_vnni() else isa
+
+
+@functools.lru_cache(maxsize=1)
+def has_vnni() -> bool:
+    """Whether the native library has the AVX512-VNNI dynamic kernel (ds_int8_dyn_gemm)."""
+    lib = native_library()
+    return lib is not None and bool(lib.ds_int8_has_vnni())
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """`t` as contiguous float32 (no copy when it already is)."""
+    if t.dtype is not torch.float32:
+        t = t.to(torch.float32)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def weight_only_gemm(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """x float32 [M, K] (CPU) @ (int8 weight [N, K] * scale[N])^T + bias -> float32 [M, N] via the kernel.
+    """x [M, K] (CPU, float) @ (int8 weight [N, K] * scale[N])^T + bias -> float32 [M, N] via the kernel.
 
-    The caller checks native_library() is not None; inputs are made contiguous float32 here.
+    The caller checks native_library() is not None. Hot path at decode: kept to a few cheap checks.
     """
     lib = native_library()
     assert lib is not None
-    x = x.contiguous()
-    weight = weight.contiguous()
-    scale = scale.to(torch.float32).contiguous()
-    bias = bias.to(torch.float32).contiguous() if bias is not None else None
+    x = _f32(x)
+    if not weight.is_contiguous():
+        weight = weight.contiguous()
+    scale = _f32(scale)
+    if bias is not None:
+        bias = _f32(bias)
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty((m, n), dtype=torch.float32)
@@ -145,4 +173,76 @@ def weight_only_gemm(
         k,
         torch.get_num_threads(),
     )
+    return out
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row int8 quantization of float x [M, K] (CPU) -> (int8 [M, K], float32 scale [M, 1])."""
+    lib = native_library()
+    assert lib is not None
+    x = _f32(x)
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.int8)
+    scale = torch.empty((m, 1), dtype=torch.float32)
+    lib.ds_quantize_rows(x.data_ptr(), k, m, k, q.data_ptr(), scale.data_ptr())
+    return q, scale
+
+
+def rescale(
+    acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """int32 acc [M, N] * x_scale [M, 1] * w_scale [N] (+ bias [N]) -> float32 [M, N] (CPU)."""
+    lib = native_library()
+    assert lib is not None
+    if not acc.is_contiguous():
+        acc = acc.contiguous()
+    w_scale = _f32(w_scale)
+    if bias is not None:
+        bias = _f32(bias)
+    m, n = acc.shape
+    out = torch.empty((m, n), dtype=torch.float32)
+    lib.ds_rescale(
+        acc.data_ptr(),
+        m,
+        n,
+        x_scale.data_ptr(),
+        w_scale.data_ptr(),
+        bias.data_ptr() if bias is not None else None,
+        out.data_ptr(),
+    )
+    return out
+
+
+def dynamic_gemm(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The whole dynamic INT8 linear in one call (VNNI CPUs): float x [M, K] -> float32 [M, N].
+
+    The caller checks has_vnni(); the result equals quantize_rows + torch._int_mm + rescale exactly.
+    """
+    lib = native_library()
+    assert lib is not None
+    x = _f32(x)
+    if not weight.is_contiguous():
+        weight = weight.contiguous()
+    scale = _f32(scale)
+    if bias is not None:
+        bias = _f32(bias)
+    m, k = x.shape
+    n = weight.shape[0]
+    out = torch.empty((m, n), dtype=torch.float32)
+    status = lib.ds_int8_dyn_gemm(
+        x.data_ptr(),
+        k,
+        weight.data_ptr(),
+        scale.data_ptr(),
+        bias.data_ptr() if bias is not None else None,
+        out.data_ptr(),
+        m,
+        n,
+        k,
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise MemoryError(f"ds_int8_dyn_gemm failed for a [{m}, {k}] x [{n}, {k}] product")
     return out
