@@ -102,6 +102,8 @@ def _p99(samples: list[float]) -> float:
 ATTEMPTS = 3  # latency on a shared 2-core machine is noisy; real starvation fails every attempt
 
 
+# Timing-sensitive: run on an otherwise idle machine (`nox -s cne -- -m slow`); CI deselects slow tests.
+@pytest.mark.slow
 def test_a_flooding_tenant_does_not_starve_another(gateway: GatewayProcess, tmp_path: Path) -> None:
     results = []
     for attempt in range(ATTEMPTS):
