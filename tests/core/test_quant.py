@@ -165,6 +165,30 @@ def test_dynamic_paths_agree_bit_for_bit(m, monkeypatch):
     assert torch.equal(dynamic_linear(x, q, scale, bias), native)
 
 
+def test_int8_linear_fast_path_follows_weight_updates_and_moves():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(40, 24, bias=True)
+    layer = Int8Linear.from_linear(linear, "weight_only")
+    x = torch.randn(3, 40)
+
+    def reference() -> torch.Tensor:
+        return F.linear(x, layer.dequantized_weight(), layer.bias.detach().float())
+
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference())
+        layer.weight.copy_(layer.weight.flip(0))  # in place: same storage
+        layer.bias.add_(1.0)
+        torch.testing.assert_close(layer(x), reference())
+        layer.load_state_dict(
+            {k: v.clone() * (2 if v.is_floating_point() else 1) for k, v in layer.state_dict().items()}
+        )
+        torch.testing.assert_close(layer(x), reference())
+        layer.to(torch.bfloat16)  # scales and bias become bfloat16: the generic path
+        out = layer(x.bfloat16())
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), reference(), rtol=0.02, atol=0.05)
+
+
 def test_int8_linear_close_to_float_linear():
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48, bias=True)

@@ -246,3 +246,65 @@ def dynamic_gemm(
     if status != 0:
         raise MemoryError(f"ds_int8_dyn_gemm failed for a [{m}, {k}] x [{n}, {k}] product")
     return out
+
+
+class WeightOnlyPlan:
+    """Raw pointers of one layer's int8 weight, float32 scales and float32 bias, for the decode hot path.
+
+    Only for contiguous int8 weights and float32 scales/bias (`usable`), so the pointers always see in-place
+    updates; rebuilt when a tensor is replaced (Module.to() swaps buffers).
+    """
+
+    __slots__ = ("bias_ptr", "key", "k", "n", "scale_ptr", "weight_ptr")
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.key = (weight, scale, bias)
+        self.n, self.k = weight.shape
+        assert weight.is_contiguous() and weight.dtype is torch.int8
+        self.weight_ptr = weight.data_ptr()
+        self.scale_ptr = scale.data_ptr()
+        self.bias_ptr = bias.data_ptr() if bias is not None else None
+
+    @staticmethod
+    def usable(weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        """Whether a plan can serve these tensors without copies."""
+        return (
+            weight.is_contiguous()
+            and scale.dtype is torch.float32
+            and scale.is_contiguous()
+            and (bias is None or (bias.dtype is torch.float32 and bias.is_contiguous()))
+        )
+
+    def matches(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        """Whether the plan still describes these tensors (same objects, same storage)."""
+        w, s, b = self.key
+        return (
+            w is weight
+            and s is scale
+            and b is bias
+            and weight.data_ptr() == self.weight_ptr
+            and scale.data_ptr() == self.scale_ptr
+            and (bias is None or bias.data_ptr() == self.bias_ptr)
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 CPU x [..., K] -> float32 [..., N]."""
+        lib = native_library()
+        assert lib is not None
+        x2 = x.reshape(-1, self.k)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        out = torch.empty((*x.shape[:-1], self.n), dtype=torch.float32)
+        lib.ds_int8_wo_gemm(
+            x2.data_ptr(),
+            self.k,
+            self.weight_ptr,
+            self.scale_ptr,
+            self.bias_ptr,
+            out.data_ptr(),
+            x2.shape[0],
+            self.n,
+            self.k,
+            torch.get_num_threads(),
+        )
+        return out

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.moe import RoutedExperts
+from . import kernels
 from .functional import dynamic_linear, quantize_weight, weight_only_linear
 
 Method = Literal["weight_only", "dynamic_quantization"]
@@ -54,6 +55,7 @@ class Int8Linear(nn.Module):
         )
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self._plan: kernels.WeightOnlyPlan | None = None
 
     @classmethod
     def from_linear(
@@ -77,10 +79,23 @@ class Int8Linear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias.detach() if self.bias is not None else None
+        # Inference only: the native kernels read raw pointers (no autograd through them).
+        weight, scale, bias = self.weight, self.weight_scale, self.bias
         if self.method == "dynamic_quantization":
-            return dynamic_linear(x, self.weight, self.weight_scale, bias)
-        return weight_only_linear(x, self.weight, self.weight_scale, bias)
+            return dynamic_linear(x, weight, scale, bias)
+        # Decode hot path (~85 calls per token for a 134M model): pointers prepared once per layer.
+        plan = self._plan
+        if plan is not None and x.dtype is torch.float32 and plan.matches(weight, scale, bias):
+            return plan(x)
+        if (
+            x.dtype is torch.float32
+            and x.device.type == "cpu"
+            and kernels.native_library() is not None
+            and kernels.WeightOnlyPlan.usable(weight, scale, bias)
+        ):
+            self._plan = plan = kernels.WeightOnlyPlan(weight, scale, bias)
+            return plan(x)
+        return weight_only_linear(x, weight, scale, bias)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight this layer computes with (q * scale)."""
