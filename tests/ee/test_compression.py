@@ -73,7 +73,11 @@ def test_compress_passes_gate_within_2_percent_and_shrinks_weights(method, compr
     float_bytes = checkpoint_tensor_bytes(stdlib_lm.model_dir)
     int8_bytes = checkpoint_tensor_bytes(target)
     assert int8_bytes / float_bytes <= 0.30, (int8_bytes, float_bytes)
-    assert report["weight_bytes"] == {"float": float_bytes, "int8": int8_bytes, "ratio": int8_bytes / float_bytes}
+    assert report["weight_bytes"] == {
+        "float": float_bytes,
+        "int8": int8_bytes,
+        "ratio": int8_bytes / float_bytes,
+    }
     config = json.loads((target / "config.json").read_text())
     assert config["quantization_config"]["method"] == method
     assert config["quantization_config"]["modules_not_converted"] == ["model.embed_tokens"]
@@ -135,7 +139,9 @@ def test_int8_checkpoint_is_served_by_deepseek_core(compressed, tmp_path):
         deadline = time.monotonic() + 120
         while True:
             assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
-            assert time.monotonic() < deadline, "server not ready:\n" + log.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, (
+                "server not ready:\n" + log.read_text(errors="replace")[-3000:]
+            )
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(base + "/health", timeout=5).status_code == 200:
                     break
