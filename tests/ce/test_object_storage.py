@@ -41,12 +41,12 @@ def _model(tokenizer) -> Model:
 
 
 def test_train_to_s3_resume_from_s3_matches_local_run(
-    s3: str, tokenizer, corpus_file: Path, tmp_path: Path
+    s3_bucket: str, tokenizer, corpus_file: Path, tmp_path: Path
 ) -> None:
     reference = _model(tokenizer)
     Trainer(reference, corpus_file, config=CONFIG, output_dir=tmp_path / "local", echo=False).fit()
 
-    url = f"{s3}/run"
+    url = f"{s3_bucket}/run"
     first = Trainer(
         _model(tokenizer), corpus_file, config=CONFIG.replace(max_steps=4), output_dir=url, echo=False
     )

@@ -4,14 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,58 +20,6 @@ from deepseek_core import (
 
 pytestmark = pytest.mark.integration
 
-BUCKET = "ckpts"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    """moto's S3 server in its own process group, stopped by killing the group."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start on {endpoint}") from None
-                time.sleep(0.2)
-        yield endpoint
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-
-
-@pytest.fixture
-def s3(moto_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Credentials and endpoint for moto, a fresh cache, and a bucket; returns the bucket URL."""
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "DEEPSEEK_S3_ENDPOINT_URL"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
-    monkeypatch.setenv("DEEPSEEK_CACHE", str(tmp_path / "cache"))
-    urllib.request.urlopen(urllib.request.Request(f"{moto_endpoint}/moto-api/reset", method="POST")).close()
-    fs, _ = storage._filesystem(f"s3://{BUCKET}")
-    fs.invalidate_cache()
-    fs.mkdir(BUCKET)
-    return f"s3://{BUCKET}"
-
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -95,8 +35,8 @@ def _logits(model: Transformer) -> torch.Tensor:
         return model(ids)
 
 
-def test_upload_fetch_and_load_model_from_s3_url(s3: str, tiny_checkpoint: Path) -> None:
-    url = storage.upload_directory(tiny_checkpoint, f"{s3}/runs/a/step-00000010")
+def test_upload_fetch_and_load_model_from_s3_url(s3_bucket: str, tiny_checkpoint: Path) -> None:
+    url = storage.upload_directory(tiny_checkpoint, f"{s3_bucket}/runs/a/step-00000010")
     assert storage.remote_exists(url)
     assert storage.remote_exists(f"{url}/{storage.MANIFEST_NAME}")
     manifest = storage.read_manifest(url)
@@ -117,9 +57,9 @@ def test_upload_fetch_and_load_model_from_s3_url(s3: str, tiny_checkpoint: Path)
 
 
 def test_corrupt_cached_file_is_detected_and_fetched_again(
-    s3: str, tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture
+    s3_bucket: str, tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    url = storage.upload_directory(tiny_checkpoint, f"{s3}/corrupt/step-1")
+    url = storage.upload_directory(tiny_checkpoint, f"{s3_bucket}/corrupt/step-1")
     directory = storage.fetch_checkpoint(url)
     shard = sorted(directory.glob("*.safetensors"))[0]
     original = shard.read_bytes()
@@ -135,21 +75,21 @@ def test_corrupt_cached_file_is_detected_and_fetched_again(
     assert torch.equal(_logits(load_model(url)), _logits(load_model(tiny_checkpoint)))
 
 
-def test_corrupt_remote_object_is_refused(s3: str, tiny_checkpoint: Path, tmp_path: Path) -> None:
-    url = storage.upload_directory(tiny_checkpoint, f"{s3}/tampered/step-1")
+def test_corrupt_remote_object_is_refused(s3_bucket: str, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    url = storage.upload_directory(tiny_checkpoint, f"{s3_bucket}/tampered/step-1")
     with storage.open_url(f"{url}/config.json", "wb") as handle:
         handle.write(b'{"model_type": "llama"}')
     with pytest.raises(CheckpointError, match=r"config\.json.*does not match"):
         storage.fetch_checkpoint(url, cache_dir=tmp_path / "other-cache")
 
 
-def test_half_upload_without_manifest_is_not_complete(s3: str, tiny_checkpoint: Path) -> None:
-    prefix = f"{s3}/resume"
+def test_half_upload_without_manifest_is_not_complete(s3_bucket: str, tiny_checkpoint: Path) -> None:
+    prefix = f"{s3_bucket}/resume"
     complete = storage.upload_directory(tiny_checkpoint, f"{prefix}/step-00000100")
     # A newer checkpoint whose upload died before the manifest: some files, no checksums.sha256.json.
-    fs, _ = storage._filesystem(prefix)
+    fs, path = storage._filesystem(prefix)
     for name in ("config.json", sorted(p.name for p in tiny_checkpoint.glob("*.safetensors"))[0]):
-        fs.put_file(str(tiny_checkpoint / name), f"{BUCKET}/resume/step-00000200/{name}")
+        fs.put_file(str(tiny_checkpoint / name), f"{path}/step-00000200/{name}")
 
     assert storage.list_prefixes(prefix) == [f"{prefix}/step-00000100", f"{prefix}/step-00000200"]
     assert storage.latest_complete_checkpoint(prefix) == complete
@@ -161,13 +101,13 @@ def test_half_upload_without_manifest_is_not_complete(s3: str, tiny_checkpoint: 
     # Finishing the upload makes it the latest complete checkpoint.
     finished = storage.upload_directory(tiny_checkpoint, f"{prefix}/step-00000200")
     assert storage.latest_complete_checkpoint(prefix) == finished
-    assert storage.latest_complete_checkpoint(f"{s3}/nothing-here") is None
+    assert storage.latest_complete_checkpoint(f"{s3_bucket}/nothing-here") is None
 
 
 def test_reupload_replaces_files_and_removes_stale_ones(
-    s3: str, tiny_checkpoint: Path, tmp_path: Path
+    s3_bucket: str, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
-    url = f"{s3}/replace/step-1"
+    url = f"{s3_bucket}/replace/step-1"
     storage.upload_directory(tiny_checkpoint, url)
     first = storage.fetch_checkpoint(url)
     assert len(list(first.glob("*.safetensors"))) >= 2
@@ -183,30 +123,30 @@ def test_reupload_replaces_files_and_removes_stale_ones(
     assert torch.equal(_logits(load_model(url)), _logits(load_model(tiny_checkpoint)))
 
 
-def test_fetch_only_config_and_errors(s3: str, tiny_checkpoint: Path) -> None:
-    url = storage.upload_directory(tiny_checkpoint, f"{s3}/partial/step-1")
+def test_fetch_only_config_and_errors(s3_bucket: str, tiny_checkpoint: Path) -> None:
+    url = storage.upload_directory(tiny_checkpoint, f"{s3_bucket}/partial/step-1")
     directory = storage.fetch_checkpoint(url, patterns=["config.json"])
     fetched = sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
     assert fetched == sorted(["config.json", storage.MANIFEST_NAME])
     with pytest.raises(ModelNotFoundError, match="no checkpoint here"):
-        storage.fetch_checkpoint(f"{s3}/missing/step-1")
+        storage.fetch_checkpoint(f"{s3_bucket}/missing/step-1")
     with pytest.raises(ModelNotFoundError):
-        load_model(f"{s3}/missing/step-1")
+        load_model(f"{s3_bucket}/missing/step-1")
 
 
-def test_open_url_round_trip_and_manifest_validation(s3: str) -> None:
-    with storage.open_url(f"{s3}/notes/a.json", "w") as handle:
+def test_open_url_round_trip_and_manifest_validation(s3_bucket: str) -> None:
+    with storage.open_url(f"{s3_bucket}/notes/a.json", "w") as handle:
         handle.write(json.dumps({"x": 1}))
-    with storage.open_url(f"{s3}/notes/a.json", "r") as handle:
+    with storage.open_url(f"{s3_bucket}/notes/a.json", "r") as handle:
         assert json.load(handle) == {"x": 1}
-    with storage.open_url(f"{s3}/bad/step-1/{storage.MANIFEST_NAME}", "wb") as handle:
+    with storage.open_url(f"{s3_bucket}/bad/step-1/{storage.MANIFEST_NAME}", "wb") as handle:
         handle.write(
             json.dumps(
                 {"algorithm": "sha256", "files": {"../escape": {"sha256": "0" * 64, "size": 1}}}
             ).encode()
         )
     with pytest.raises(CheckpointError, match="unsafe path"):
-        storage.fetch_checkpoint(f"{s3}/bad/step-1")
+        storage.fetch_checkpoint(f"{s3_bucket}/bad/step-1")
 
 
 def test_local_paths_use_the_same_api(tmp_path: Path, tiny_checkpoint: Path) -> None:

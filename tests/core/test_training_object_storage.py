@@ -26,8 +26,6 @@ from deepseek_core.training import (
     warmup_cosine_scheduler,
 )
 
-from .test_storage import moto_endpoint, s3  # noqa: F401  (fixtures: moto's server and a fresh bucket)
-
 pytestmark = pytest.mark.integration
 
 TOTAL_STEPS = 6
@@ -103,11 +101,11 @@ class Run:
                 publish_checkpoint(local, self.output_url)
 
 
-def test_checkpoints_to_s3_and_resume_from_there(s3: str, tmp_path: Path) -> None:  # noqa: F811
-    reference = Run(f"{s3}/reference", tmp_path / "ref-scratch")
+def test_checkpoints_to_s3_and_resume_from_there(s3_bucket: str, tmp_path: Path) -> None:
+    reference = Run(f"{s3_bucket}/reference", tmp_path / "ref-scratch")
     reference.train(TOTAL_STEPS)
 
-    output = f"{s3}/run"
+    output = f"{s3_bucket}/run"
     first = Run(output, tmp_path / "scratch-1")
     assert first.resume() is None  # nothing there yet: start from scratch
     first.train(4)  # "killed" after step 4: checkpoints 2 and 4 are in the bucket
@@ -129,14 +127,17 @@ def test_checkpoints_to_s3_and_resume_from_there(s3: str, tmp_path: Path) -> Non
         assert torch.equal(second.model.state_dict()[name], expected), name
 
 
-def test_only_complete_checkpoints_are_published_or_resumed(s3: str, tmp_path: Path) -> None:  # noqa: F811
+def test_only_complete_checkpoints_are_published_or_resumed(s3_bucket: str, tmp_path: Path) -> None:
     incomplete = tmp_path / "checkpoint-000009"
     incomplete.mkdir()
     (incomplete / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match=COMPLETE_MARKER):
-        publish_checkpoint(incomplete, f"{s3}/run")
+        publish_checkpoint(incomplete, f"{s3_bucket}/run")
     # Uploaded by other means without the marker: listed nowhere, and refused if fetched by name.
-    url = storage.upload_directory(incomplete, f"{s3}/run/checkpoint-000009")
-    assert list_remote_checkpoints(f"{s3}/run") == [] and latest_remote_checkpoint(f"{s3}/run") is None
+    url = storage.upload_directory(incomplete, f"{s3_bucket}/run/checkpoint-000009")
+    assert (
+        list_remote_checkpoints(f"{s3_bucket}/run") == []
+        and latest_remote_checkpoint(f"{s3_bucket}/run") is None
+    )
     with pytest.raises(CheckpointError, match="not a complete training checkpoint"):
         fetch_remote_checkpoint(url)
