@@ -43,11 +43,11 @@ from deepseek_core.training import (
     warmup_cosine_scheduler,
 )
 from deepseek_core.training.checkpoints import COMPLETE_MARKER
+from deepseek_core.training.output import OutputLocation, resolve_output_dir
 from torch import nn
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
-from .output import OutputLocation, resolve_output_dir
 from .runlog import RunLog, plot_loss_curve
 
 LOSS_CURVE_FILE = "loss_curve.png"
@@ -92,7 +92,7 @@ class Trainer:
     output_dir: a local directory, or an s3:// / gs:// URL (needs deepseek-core[cloud]): the run then works
     in a local staging directory keyed by the URL, publishes every complete checkpoint and, at the end, the
     loss curve and log to the URL, and resumes from the newest complete checkpoint found there (see
-    deepseek_ce.output). storage_options go to fsspec (e.g. {"endpoint_url": ...}).
+    deepseek_core.training.output). storage_options go to fsspec (e.g. {"endpoint_url": ...}).
     """
 
     def __init__(
