@@ -15,8 +15,13 @@ each node with NODE_RANK, MASTER_ADDR, MASTER_PORT set), under torchrun or under
 Without GPUs, gpus_per_node CPU processes talk over gloo. Checkpoints are Lightning checkpoints in
 output_dir/checkpoints (every save_every steps, keep_last of them, plus last.ckpt); at the end global
 rank 0 exports the weights as a Hugging Face-format directory (output_dir/final) and, with tracking on,
-logs the run to MLflow (deepseek_ee.tracking). All processes must see output_dir (a shared filesystem
-across nodes) for resuming.
+logs the run to MLflow (deepseek_ee.tracking). With a local output_dir all processes must see it (a shared
+filesystem across nodes) for resuming.
+
+output_dir may be an s3:// or gs:// URL: the run then works in a local staging directory keyed by the URL,
+global rank 0 publishes every checkpoint to <url>/checkpoints/step-NNNNNN/ (sha256 manifest last, so only
+complete ones are ever visible) and, at the end, the export (<url>/final), loss curve, config and log; a
+resume, on any machine, fetches the newest complete checkpoint from the URL (see trainer/remote.py).
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from deepseek_core import storage
 from deepseek_core.training import DataError, TrainingConfig, seed_everything
+from deepseek_core.training.output import OutputLocation, resolve_output_dir
 from torch import nn
 
 from ..config import TrackingConfig
@@ -40,6 +47,13 @@ from ..lightning_module import CausalLMModule
 from .data import EvalBatches, RankBatches, check_dataset, resolve_data
 from .launch import make_strategy
 from .plots import plot_loss_curve
+from .remote import (
+    REMOTE_CHECKPOINTS,
+    PublishingCheckpointIO,
+    fetch_lightning_checkpoint,
+    latest_published_checkpoint,
+    remove_stale_stages,
+)
 from .watchdog import PeerLostError, PeerWatchdog
 
 __all__ = ["DistributedTrainResult", "DistributedTrainer"]
@@ -74,6 +88,10 @@ class DistributedTrainResult:
     global_rank: int
     stopped_by: str  # "max_steps" | "max_time_s" | "already_done"
     mlflow_run_id: str | None = None
+    start_step: int = 0  # the step this fit() started from (> 0 after a resume)
+    resumed_from: str | None = None  # the checkpoint resumed from (a local path or a URL)
+    checkpoint_url: str | None = None  # where the export was published, for a URL output_dir (rank 0)
+    lightning_checkpoint_url: str | None = None  # the last checkpoint published, for a URL output_dir
 
 
 def _is_facade(model: Any) -> bool:
@@ -97,6 +115,9 @@ class DistributedTrainer:
       collective_timeout_s, peer_timeout_s: a collective waiting longer fails; a rank whose heartbeat stops
         for peer_timeout_s is reported lost by name (trainer/watchdog.py).
       config_files: extra files (e.g. the ee.yaml) logged to MLflow next to the training config.
+    output_dir may be an s3:// or gs:// URL (see the module doc); storage_options go to fsspec (e.g.
+    {"endpoint_url": ...}). A URL whose bucket is missing or whose filesystem package (gcsfs for gs://) is
+    not installed fails here, naming output_dir.
     """
 
     def __init__(
@@ -124,6 +145,7 @@ class DistributedTrainer:
         callbacks: list[pl.Callback] | None = None,
         config_files: list[str | os.PathLike[str]] | None = None,
         echo: bool = True,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         if config is not None and not isinstance(config, TrainingConfig):
             raise TypeError(f"config: expected a TrainingConfig, got {type(config).__name__}")
@@ -136,7 +158,11 @@ class DistributedTrainer:
             )
         self.module: nn.Module = module
         self.tokenizer = tokenizer if tokenizer is not None else getattr(self.facade, "tokenizer", None)
-        self.output_dir = Path(output_dir).expanduser()
+        self.output: OutputLocation = resolve_output_dir(output_dir, storage_options)
+        self.output.check_access("output_dir")
+        self.output_dir = self.output.local_dir
+        self.resumed_from: str | None = None
+        self.last_published: str | None = None
         for name, value in (("num_nodes", num_nodes), ("gpus_per_node", gpus_per_node)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
@@ -253,6 +279,8 @@ class DistributedTrainer:
             )
             callbacks.append(checkpointing)
         callbacks.append(_FinalCheckpoint(self.checkpoint_dir / LAST_CHECKPOINT, checkpointing))
+        if self.output.is_remote:
+            callbacks.insert(0, _RemoteLog(self))
         callbacks.append(_Watchdog(self))
         callbacks.append(_TextLog(self))
         if self.tracking is not None:
@@ -291,6 +319,7 @@ class DistributedTrainer:
             num_sanity_val_steps=0,
             use_distributed_sampler=False,  # RankBatches / EvalBatches shard the data themselves
             callbacks=callbacks,
+            plugins=[PublishingCheckpointIO(self.output, cfg.keep_last, self._published)],
             logger=False,
             enable_progress_bar=cfg.progress_bar,
             enable_model_summary=False,
@@ -299,10 +328,14 @@ class DistributedTrainer:
 
     # ------------------------------------------------------------------ training
     def fit(self, resume: bool | str | os.PathLike[str] = True) -> DistributedTrainResult:
-        """Train to config.max_steps (or max_time_s); resume=True continues from last.ckpt when present, a path
-        resumes from that Lightning checkpoint, False starts afresh. Raises PeerLostError (naming the lost
-        rank) when another process of the job dies, TrainingDivergedError when the loss stops being finite."""
+        """Train to config.max_steps (or max_time_s); resume=True continues from last.ckpt when present (for a
+        URL output_dir: from the newest complete checkpoint published there), a path or an s3:// / gs://
+        checkpoint URL resumes from that Lightning checkpoint, False starts afresh. Raises PeerLostError
+        (naming the lost rank) when another process of the job dies, TrainingDivergedError when the loss
+        stops being finite."""
         cfg = self.config
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # the node's first process: no save is running yet
+            remove_stale_stages(self.checkpoint_dir)
         ckpt_path = self._resume_point(resume)
         seed_everything(cfg.seed)
         if self.activation_checkpointing and hasattr(self.module, "set_gradient_checkpointing"):
@@ -342,15 +375,39 @@ class DistributedTrainer:
                 self.facade.reset_engine()  # the engine must see the new weights
 
     def _resume_point(self, resume: bool | str | os.PathLike[str]) -> Path | None:
+        self.resumed_from = None
         if resume is False:
             return None
         if resume is True:
+            if self.output.is_remote:
+                # The URL is the run's record: its newest complete checkpoint wins over the staging dir, so a
+                # fresh machine (or node) resumes where the job left off.
+                url = latest_published_checkpoint(self.output)
+                if url is None:
+                    return None
+                self.resumed_from = url
+                return fetch_lightning_checkpoint(self.output, url)
             last = self.checkpoint_dir / LAST_CHECKPOINT
-            return last if last.exists() else None
+            if not last.exists():
+                return None
+            self.resumed_from = str(last)
+            return last
+        text = os.fspath(resume)
+        if storage.is_remote(text):
+            location = OutputLocation(Path(), url=text, storage_options=self.output.storage_options)
+            location.check_access("resume")
+            self.resumed_from = text.rstrip("/")
+            return fetch_lightning_checkpoint(location, self.resumed_from)
         path = Path(resume)
         if not path.is_file():
             raise ValueError(f"resume: {path} is not a Lightning checkpoint file")
+        self.resumed_from = str(path)
         return path
+
+    def _published(self, step: int, url: str) -> None:
+        """Told by PublishingCheckpointIO (global rank 0) each time a checkpoint reached the URL."""
+        self.last_published = url
+        self._log(f"checkpoint step {step} published -> {url}")
 
     def _diagnose(self, exc: BaseException) -> PeerLostError | None:
         """A PeerLostError naming the lost rank(s) when `exc` came from a peer going away."""
@@ -366,11 +423,15 @@ class DistributedTrainer:
         lost, detail = watchdog.find_lost()
         if not lost:
             return None
-        hint = (
-            f"Rerun the same command on every node to resume from {self.checkpoint_dir / LAST_CHECKPOINT}."
-            if (self.checkpoint_dir / LAST_CHECKPOINT).exists()
-            else "No checkpoint was written yet; a rerun starts from step 0."
-        )
+        if self.output.is_remote:
+            hint = (
+                f"Rerun the same command on every node to resume from the newest checkpoint under "
+                f"{storage.url_join(self.output.url or '', REMOTE_CHECKPOINTS)}."
+            )
+        elif (self.checkpoint_dir / LAST_CHECKPOINT).exists():
+            hint = f"Rerun the same command on every node to resume from {self.checkpoint_dir / LAST_CHECKPOINT}."
+        else:
+            hint = "No checkpoint was written yet; a rerun starts from step 0."
         return PeerLostError(
             watchdog.rank, watchdog.world_size, lost, f"{detail}; first error: {exc}".strip(), hint
         )
@@ -409,11 +470,15 @@ class DistributedTrainer:
             world_size=trainer.world_size,
             global_rank=rank,
             stopped_by=stopped_by,
+            start_step=module.start_step,
+            resumed_from=self.resumed_from,
+            lightning_checkpoint_url=self.last_published,
         )
         if rank != 0:
             return result
         export = self._export(state)
         result.checkpoint = export
+        result.checkpoint_url = self.output.publish_directory(export, FINAL_DIR)
         result.loss_curve = plot_loss_curve(
             self.output_dir / LOSS_CURVE_FILE,
             module.loss_history,
@@ -424,6 +489,9 @@ class DistributedTrainer:
         from deepseek_core.fileio import atomic_write_text
 
         atomic_write_text(config_json, json.dumps(self._run_params(trainer), indent=2, default=str) + "\n")
+        for path in (result.loss_curve, config_json):
+            if path is not None:
+                self.output.publish_file(path)
         if self.tracker is not None:
             from ..tracking import log_files
 
@@ -446,7 +514,9 @@ class DistributedTrainer:
             f"{result.world_size} process(es)"
             + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
             + f"; model {export}; loss curve {result.loss_curve}"
+            + (f"; published to {self.output.url}" if self.output.is_remote else "")
         )
+        self.output.publish_file(self.output_dir / LOG_FILE)
         return result
 
     def _export(self, full_state: dict[str, Any] | None) -> Path:
@@ -602,13 +672,28 @@ class _FinalCheckpoint(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         saved = getattr(self.periodic, "_last_global_step_saved", -1) if self.periodic is not None else -1
-        if saved == trainer.global_step and self.path.exists():
+        done = saved == trainer.global_step and self.path.exists()
+        # Rank 0's view decides for all (save_checkpoint is a collective): other nodes may have no copy of
+        # output_dir, e.g. a local staging directory of a URL output_dir.
+        if trainer.strategy.broadcast(done, src=0):
             return
         if self.path.is_symlink():  # ModelCheckpoint's link to an older checkpoint: replace it by a file
             if trainer.is_global_zero:
                 self.path.unlink()
             trainer.strategy.barrier("deepseek_ee.final_checkpoint")
         trainer.save_checkpoint(self.path)
+
+
+class _RemoteLog(pl.Callback):
+    """For a URL output_dir: a run resumed on another machine keeps appending to the log it published."""
+
+    def __init__(self, owner: DistributedTrainer) -> None:
+        self.owner = owner
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.is_global_zero:
+            self.owner.output_dir.mkdir(parents=True, exist_ok=True)
+            self.owner.output.fetch_file(LOG_FILE, self.owner.output_dir / LOG_FILE)
 
 
 class _Watchdog(pl.Callback):
@@ -657,6 +742,8 @@ class _TextLog(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
         owner, cfg = self.owner, self.owner.config
+        if owner.resumed_from is not None:
+            owner._log(f"resumed from {owner.resumed_from} at step {trainer.global_step}")
         params = sum(p.numel() for p in owner.module.parameters())
         owner._log(
             f"train: {params / 1e6:.2f}M parameters | {trainer.world_size} process(es) ({owner.num_nodes} node(s) x "
