@@ -94,3 +94,56 @@ def stdlib_lm(tmp_path_factory: pytest.TempPathFactory) -> TrainedLM:
         final_loss=sum(losses[-10:]) / 10,
         seconds=time.perf_counter() - start,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A real `deepseek-core serve` process on a free loopback port (its own process group, killed at the end).
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def serve_model(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Factory: serve_model(model_dir) -> base URL of a ready `deepseek-core serve`; every server is killed after."""
+    import contextlib
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(model_dir: Path) -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        script = Path(sys.executable).parent / "deepseek-core"
+        launcher = [str(script)] if script.exists() else [sys.executable, "-m", "deepseek_core.cli"]
+        log = tmp_path / f"serve-{len(started)}.log"
+        with open(log, "wb") as sink:
+            proc = subprocess.Popen(
+                [*launcher, "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port)],
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        started.append(proc)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, (
+                "server not ready:\n" + log.read_text(errors="replace")[-3000:]
+            )
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(base + "/ready", timeout=5).status_code == 200:
+                    return base
+            time.sleep(0.3)
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)

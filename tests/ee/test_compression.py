@@ -3,14 +3,9 @@ loaded by core, generated through the engine, served over HTTP; a damaged quanti
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -114,51 +109,17 @@ def test_int8_checkpoint_generates_through_the_engine(method, compressed):
     assert out.token_ids == ids[-24:]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def test_int8_checkpoint_is_served_by_deepseek_core(compressed, tmp_path):
+def test_int8_checkpoint_is_served_by_deepseek_core(compressed, serve_model):
     _, _, target = compressed["weight_only"]
-    port = _free_port()
-    script = Path(sys.executable).parent / "deepseek-core"
-    launcher = [str(script)] if script.exists() else [sys.executable, "-m", "deepseek_core.cli"]
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as sink:
-        proc = subprocess.Popen(
-            [*launcher, "serve", "--model", str(target), "--host", "127.0.0.1", "--port", str(port)],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
-            assert time.monotonic() < deadline, (
-                "server not ready:\n" + log.read_text(errors="replace")[-3000:]
-            )
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(base + "/health", timeout=5).status_code == 200:
-                    break
-            time.sleep(0.3)
-        response = httpx.post(
-            base + "/v1/completions",
-            json={"model": str(target), "prompt": "import ", "max_tokens": 12, "temperature": 0},
-            timeout=60,
-        )
-        assert response.status_code == 200, response.text
-        body = response.json()
-        assert body["choices"][0]["text"] and body["usage"]["completion_tokens"] == 12
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+    base = serve_model(target)
+    response = httpx.post(
+        base + "/v1/completions",
+        json={"model": str(target), "prompt": "import ", "max_tokens": 12, "temperature": 0},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["choices"][0]["text"] and body["usage"]["completion_tokens"] == 12
 
 
 def test_damaged_quantization_fails_the_gate_and_writes_nothing(stdlib_lm, tmp_path):
