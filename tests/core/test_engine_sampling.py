@@ -52,7 +52,9 @@ def test_filters(kwargs, kept):
 def test_temperature_scales_logits_per_row():
     logits = torch.tensor([[1.0, 2.0], [1.0, 2.0]])
     out = filter_logits(logits, [SamplingParams(temperature=0.5), SamplingParams(temperature=2.0)])
-    assert out.tolist() == [[2.0, 4.0], [0.5, 1.0]]
+    assert out.tolist() == [[-2.0, 0.0], [-0.5, 0.0]]  # each row shifted to a maximum of 0, then scaled
+    tiny = filter_logits(torch.tensor([[3e38, 1e38, 0.0]]), [SamplingParams(temperature=1e-4)])
+    assert tiny.tolist() == [[0.0, float("-inf"), float("-inf")]]  # no overflow to inf - inf = NaN
 
 
 def test_samples_follow_the_filtered_distribution():

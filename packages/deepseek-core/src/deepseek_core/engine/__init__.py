@@ -2,6 +2,7 @@
 
 from .async_llm import AsyncLLM, EngineDeadError
 from .engine import EngineCore
+from .errors import RequestFailedError
 from .kv_cache import BlockAllocator, KVCache
 from .llm import LLM
 from .outputs import EngineStats, RequestMetrics, RequestOutput, TokenLogprob
@@ -16,6 +17,7 @@ __all__ = [
     "EngineStats",
     "KVCache",
     "RequestMetrics",
+    "RequestFailedError",
     "RequestOutput",
     "SamplingParams",
     "TokenLogprob",

@@ -9,6 +9,8 @@
 
 Each item of `generate` is one step's delta plus the cumulative fields; the last has finished=True.
 Bad input raises ValueError (naming the parameter) when the iteration starts; nothing else is affected.
+A request that fails while running (NaN/inf logits, a failing detokenizer) raises RequestFailedError from its
+iterator, after the outputs it produced; the other requests and the engine carry on.
 Leaving the `async for` early (break, cancellation, a closed client) aborts the request.
 """
 
@@ -27,6 +29,7 @@ import torch
 
 from ..model.transformer import Transformer
 from .engine import EngineCore, PromptType
+from .errors import RequestFailedError
 from .llm import build_engine
 from .outputs import EngineStats, RequestOutput
 from .params import SamplingParams
@@ -113,7 +116,10 @@ class AsyncLLM:
     async def generate(
         self, prompt: PromptType, params: SamplingParams | None = None, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        """Submit a request and yield its outputs (deltas plus cumulative fields) until it finishes."""
+        """Submit a request and yield its outputs (deltas plus cumulative fields) until it finishes.
+
+        Raises ValueError for bad input (before any output) and RequestFailedError if the request fails.
+        """
         if not self.is_running:
             raise EngineDeadError("engine: not running (shut down or failed)") from self._error
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
@@ -200,7 +206,11 @@ class AsyncLLM:
                 with self._streams_lock:
                     targets = [(self._streams.get(o.request_id), o) for o in outputs]
                 for stream, output in targets:
-                    if stream is not None:
+                    if stream is None:
+                        continue
+                    if output.error is not None:  # this request failed alone; hand its consumer the error
+                        stream.put(RequestFailedError(output.request_id, output.error))
+                    else:
                         stream.put(output)
 
     def _fail_in_flight(self, exc: Exception) -> None:

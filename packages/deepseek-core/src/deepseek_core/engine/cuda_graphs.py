@@ -104,7 +104,7 @@ class StaticDecode:
         bs = self.cache.block_size
         n_blocks = length // bs
         tables = [c.seq.block_table[:n_blocks] for c in chunks]
-        tables = [t + [self.scratch_block] * (n_blocks - len(t)) for t in tables]
+        tables = [t + [t[-1]] * (n_blocks - len(t)) for t in tables]  # own blocks: see runner.for_chunks
         tables += [[self.scratch_block] * n_blocks] * (padded - batch)
         lens = torch.tensor(lengths + [1] * (padded - batch))
         positions = [c.start for c in chunks] + [0] * (padded - batch)

@@ -1,5 +1,9 @@
 """EngineCore: requests in, one step at a time (schedule -> forward -> sample -> stop checks), outputs out.
 
+One bad request never harms another: a request whose logits are NaN/inf, whose row cannot be sampled, or
+whose detokenizer / stop-string handling raises is finished alone ("abort", with RequestOutput.error saying
+why) and its cache blocks are zeroed before reuse; the rest of the batch runs on unchanged.
+
 The sync LLM drives it directly; AsyncLLM drives it from a background thread. Methods are thread-safe: the
 forward pass runs outside the lock, so abort() frees a request's blocks at once even mid-step (the freed
 blocks cannot be handed out before the running step ends, because only step() allocates).
@@ -25,7 +29,7 @@ from .kv_cache import KVCache, bytes_per_token
 from .outputs import EngineStats, RequestMetrics, RequestOutput
 from .params import SamplingParams
 from .runner import ModelRunner
-from .sampling import sample
+from .sampling import sample_rows
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
 
@@ -109,7 +113,7 @@ class EngineCore:
         self._lock = threading.RLock()
         self._arrival = itertools.count()
         self._seed_source = random.Random()
-        self._counters = {"prompt": 0, "generation": 0, "finished": 0, "steps": 0}
+        self._counters = {"prompt": 0, "generation": 0, "finished": 0, "steps": 0, "failed": 0}
         if cuda_graphs:
             if device.type != "cuda":
                 raise ValueError(f"cuda_graphs: needs a CUDA device, the model is on {device}")
@@ -178,9 +182,11 @@ class EngineCore:
             )
         return ids
 
-    def _check_params(self, params: SamplingParams) -> None:
+    def check_params(self, params: SamplingParams) -> None:
+        """Raise ValueError naming the field when `params` cannot run on this engine."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params: must be a SamplingParams, got {type(params).__name__}")
+        params.validate()  # again: a dataclass field may have been changed since construction
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("SamplingParams.stop: stop strings need a tokenizer (use stop_token_ids)")
         vocab = self.config.vocab_size
@@ -192,7 +198,7 @@ class EngineCore:
     ) -> str:
         """Validate and queue a request; returns its id. Bad input raises ValueError naming the parameter."""
         params = SamplingParams() if params is None else params
-        self._check_params(params)
+        self.check_params(params)
         ids = self.encode_prompt(prompt)
         if request_id is None:
             request_id = uuid.uuid4().hex
@@ -228,6 +234,16 @@ class EngineCore:
                 raise ValueError(f"request_id: unknown request {request_id!r} (finished or never added)")
             self._finish(seq, "abort")
             return self._output(seq)
+
+    def _fail(self, seq: Sequence, reason: str) -> None:
+        """End one request that cannot go on ("abort", with `reason` as its error); the others are untouched."""
+        log.warning("request %s aborted: %s", seq.request_id, reason)
+        seq.error = reason
+        self._counters["failed"] += 1
+        if seq.is_finished:  # it failed after a stop condition finished it (its logits were finite)
+            seq.finish_reason = "abort"
+            return
+        self._finish(seq, "abort")
 
     def running_request_ids(self) -> list[str]:
         """Ids of the requests that hold cache blocks now."""
@@ -277,11 +293,20 @@ class EngineCore:
                 return []
             if len(rows) != logits.shape[0]:
                 logits = logits[torch.tensor(rows, device=logits.device)]
-            tokens, logprobs = sample(logits, to_sample)
+            tokens, logprobs, errors = sample_rows(logits, to_sample)
             now = time.monotonic()
             outputs = []
-            for seq, token, logprob in zip(to_sample, tokens, logprobs):
-                self._append(seq, token, logprob, now)
+            for i, (seq, token, logprob) in enumerate(zip(to_sample, tokens, logprobs)):
+                if token is None:
+                    self._fail(seq, errors[i])
+                else:
+                    try:
+                        self._append(seq, token, logprob, now)
+                    except Exception as exc:  # e.g. a tokenizer that cannot decode: this request only
+                        log.exception("request %s: output processing failed", seq.request_id)
+                        self._fail(
+                            seq, f"detokenization or stop-string handling failed: {type(exc).__name__}: {exc}"
+                        )
                 outputs.append(self._output(seq))
             return outputs
 
@@ -329,7 +354,10 @@ class EngineCore:
         if seq.decoder is not None and reason == "length":
             seq.text += seq.decoder.flush()
         seq.finish_reason = reason
-        self.scheduler.remove(seq)
+        # An aborted or failed request may leave NaN/inf in its blocks (even written after an abort, by a step
+        # still running): have them zeroed before anyone else gets them, since masked attention still
+        # multiplies the values it skips by 0. Normal finishes saw finite logits, so their blocks are clean.
+        self.scheduler.remove(seq, scrub=reason == "abort")
         seq.status = SequenceStatus.FINISHED
         seq.metrics.finished_time = time.monotonic()
         self._requests.pop(seq.request_id, None)
@@ -363,6 +391,7 @@ class EngineCore:
             logprobs_delta=logprobs_delta,
             stop_reason=seq.stop_reason,
             metrics=seq.metrics,
+            error=seq.error,
         )
 
     # ------------------------------------------------------------------ monitoring
@@ -382,4 +411,5 @@ class EngineCore:
                 generation_tokens_total=self._counters["generation"],
                 requests_finished_total=self._counters["finished"],
                 steps_total=self._counters["steps"],
+                requests_failed_total=self._counters["failed"],
             )

@@ -172,7 +172,6 @@ class KVCache:
             self.key = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(layers)]
             self.value = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(layers)]
         self._fresh = bytearray(b"\x01") * num_blocks
-        self.zero_fresh([0])  # block 0 also pads gathers of short block tables
 
     def zero_fresh(self, blocks: list[int]) -> None:
         """Zero the blocks among `blocks` that were never zeroed (call when handing blocks out)."""
@@ -187,6 +186,11 @@ class KVCache:
             t.view(t.shape[0], -1, bs, t.shape[-1]).index_fill_(1, index, 0)
         for b in fresh:
             self._fresh[b] = 0
+
+    def mark_dirty(self, blocks: list[int]) -> None:
+        """Have `blocks` zeroed again by the next zero_fresh that hands them out (they may hold NaN/inf)."""
+        for b in blocks:
+            self._fresh[b] = 1
 
     @property
     def capacity_tokens(self) -> int:

@@ -10,6 +10,7 @@ import torch
 
 from ..model.transformer import Transformer
 from .engine import EngineCore, PromptType
+from .errors import RequestFailedError
 from .outputs import RequestOutput
 from .params import SamplingParams
 
@@ -137,8 +138,10 @@ class LLM:
         """Run every prompt to completion (continuous batching); outputs in prompt order.
 
         A single prompt may be a string or a list of token ids; otherwise give a list of them. `params` is one
-        SamplingParams for all, or one per prompt. Invalid prompts or params raise ValueError before anything
-        runs.
+        SamplingParams for all, or one per prompt. Every prompt and params is validated before anything runs:
+        the first invalid one raises ValueError naming its index (prompts[i] / params[i]) and the engine is
+        left as it was. A request that fails while running (e.g. NaN logits) comes back with finish_reason
+        "abort" and `error` set; the others complete as they would alone.
         """
         if isinstance(prompts, str) or _is_token_ids(prompts):
             batch: list[PromptType] = [prompts]  # type: ignore[list-item]
@@ -156,14 +159,25 @@ class LLM:
             per_prompt = list(params)
             if len(per_prompt) != len(batch):
                 raise ValueError(f"params: {len(per_prompt)} SamplingParams for {len(batch)} prompts")
+        shared = params is None or isinstance(params, SamplingParams)
+        checked: set[int] = set()
+        token_ids: list[list[int]] = []
+        for i, (prompt, p) in enumerate(zip(batch, per_prompt)):
+            if id(p) not in checked:
+                try:
+                    self.engine.check_params(p)
+                except ValueError as exc:
+                    raise ValueError(f"{'params' if shared else f'params[{i}]'}: {exc}") from None
+                checked.add(id(p))
+            try:
+                token_ids.append(self.engine.encode_prompt(prompt))
+            except ValueError as exc:
+                raise ValueError(f"prompts[{i}]: {exc}") from None
         ids: list[str] = []
         try:
-            for i, (prompt, p) in enumerate(zip(batch, per_prompt)):
-                try:
-                    ids.append(self.engine.add_request(prompt, p))
-                except ValueError as exc:
-                    raise ValueError(f"prompts[{i}]: {exc}") from None
-        except ValueError:
+            for prompt_ids, p in zip(token_ids, per_prompt):
+                ids.append(self.engine.add_request(prompt_ids, p))
+        except BaseException:
             for rid in ids:
                 self.engine.abort_request(rid)
             raise
@@ -180,7 +194,10 @@ class LLM:
         return [finals[rid] for rid in ids]
 
     def stream(self, prompt: PromptType, params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield text deltas of one prompt as they are generated (never a split UTF-8 character)."""
+        """Yield text deltas of one prompt as they are generated (never a split UTF-8 character).
+
+        Raises RequestFailedError (after the text generated so far) if the request fails while running.
+        """
         rid = self.engine.add_request(prompt, params)
         done = False
         try:
@@ -189,6 +206,8 @@ class LLM:
                     if out.request_id != rid:
                         continue
                     done = out.finished
+                    if out.error is not None:
+                        raise RequestFailedError(rid, out.error)
                     if out.text_delta:
                         yield out.text_delta
         finally:

@@ -46,7 +46,8 @@ class RequestOutput:
     `text`, `token_ids` and `logprobs` are cumulative; `text_delta`, `token_ids_delta` and `logprobs_delta`
     are what this output adds to the previous one of the same request (the concatenation of all deltas equals
     the cumulative fields). `finished` is True on the last output; `finish_reason` is then "stop", "length"
-    or "abort".
+    or "abort". A request the engine had to end on its own (non-finite logits, a failing detokenizer)
+    finishes with "abort" and `error` saying why; the other requests of its batch are not affected.
     """
 
     request_id: str
@@ -61,6 +62,7 @@ class RequestOutput:
     logprobs_delta: list[TokenLogprob] | None = None
     stop_reason: str | int | None = None  # the stop string or stop token id that ended the request
     metrics: RequestMetrics | None = None
+    error: str | None = None  # why the engine aborted this request (finish_reason "abort"), when it failed
 
     @property
     def prompt_tokens(self) -> int:
@@ -89,3 +91,6 @@ class EngineStats:
     generation_tokens_total: int = 0
     requests_finished_total: int = 0
     steps_total: int = 0
+    requests_failed_total: int = (
+        0  # requests the engine aborted because they failed (see RequestOutput.error)
+    )

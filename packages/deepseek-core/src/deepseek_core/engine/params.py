@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _MAX_LOGPROBS = 20
+GREEDY_TEMPERATURE = 1e-5  # below this, decoding is greedy (as in vLLM): 1/T would only amplify rounding
 
 
 def _is_int(value: Any) -> bool:
@@ -21,7 +22,7 @@ def _is_number(value: Any) -> bool:
 class SamplingParams:
     """Decoding options of one request (the names and meanings follow vLLM / the OpenAI API).
 
-    temperature 0 means greedy. top_k -1 (or 0) disables top-k; top_p 1 and min_p 0 disable those filters.
+    temperature 0 (or below 1e-5) means greedy. top_k -1 (or 0) disables top-k; top_p 1 and min_p 0 disable those filters.
     repetition_penalty (> 0, 1 = off) divides positive / multiplies negative logits of every token already in
     the prompt or output; presence_penalty and frequency_penalty ([-2, 2]) subtract from the logits of tokens
     already generated. `stop` strings end the request (cut from the text unless include_stop_str_in_output),
@@ -104,8 +105,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """True when decoding takes the arg-max (temperature 0 or top_k 1)."""
-        return self.temperature == 0 or self.top_k == 1
+        """True when decoding takes the arg-max (temperature 0 or below GREEDY_TEMPERATURE, or top_k 1)."""
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
     @property
     def needs_penalties(self) -> bool:

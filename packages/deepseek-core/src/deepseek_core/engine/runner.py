@@ -161,7 +161,9 @@ class PagedAttention:
                 view.decode_len = lengths[0]
             else:
                 tables = [c.seq.block_table[:n_blocks] for c in decodes]
-                tables = [t + [0] * (n_blocks - len(t)) for t in tables]  # padding is masked out
+                # Pad with the sequence's own last block: masked out, but 0 * NaN would still be NaN, and
+                # another sequence's block may hold NaN (a failing request) in the same step.
+                tables = [t + [t[-1]] * (n_blocks - len(t)) for t in tables]
                 view.decode_blocks = torch.tensor(tables, dtype=torch.long, device=device).view(-1)
                 view.decode_len = n_blocks * bs
                 if any(n != view.decode_len for n in lengths):

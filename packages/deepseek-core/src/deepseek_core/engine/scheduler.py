@@ -78,13 +78,16 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         bisect.insort(self.waiting, seq, key=lambda s: s.arrival)
 
-    def remove(self, seq: Sequence) -> None:
-        """Take a sequence out of the queues and free its blocks at once (finish or abort)."""
+    def remove(self, seq: Sequence, scrub: bool = False) -> None:
+        """Take a sequence out of the queues and free its blocks at once (finish or abort).
+
+        scrub: zero the blocks before they are handed out again (they may hold NaN/inf).
+        """
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self._free_blocks(seq)
+        self._free_blocks(seq, scrub)
 
     def has_work(self) -> bool:
         """True while any sequence waits or runs."""
@@ -162,8 +165,10 @@ class Scheduler:
         table.extend(new)
         return True
 
-    def _free_blocks(self, seq: Sequence) -> None:
+    def _free_blocks(self, seq: Sequence, scrub: bool = False) -> None:
         if seq.block_table:
+            if scrub:
+                self.cache.mark_dirty(seq.block_table)
             self.cache.allocator.free(seq.block_table, owner=seq)
             seq.block_table = []
         seq.num_contiguous_blocks = 0
@@ -171,7 +176,8 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Free `seq`'s blocks and queue it for recomputation (it keeps its output tokens)."""
         self.running.remove(seq)
-        self._free_blocks(seq)
+        # Scrubbed: a prefill chunk that samples nothing is never checked for NaN/inf before this.
+        self._free_blocks(seq, scrub=True)
         seq.num_computed = 0
         seq.status = SequenceStatus.WAITING
         bisect.insort(self.waiting, seq, key=lambda s: s.arrival)

@@ -42,6 +42,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    error: str | None = None  # why the engine aborted it (it failed on its own)
     logprobs: list[TokenLogprob] | None = None
     # text: all decoded text; num_emitted_chars of it went out (the rest is held back: it may start a stop
     # string); num_emitted_tokens/logprobs likewise for the token deltas.

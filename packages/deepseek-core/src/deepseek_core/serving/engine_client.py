@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .errors import bad_request
+from .errors import OpenAIError, bad_request
 from .metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class SequenceRunner:
                     state.job.prompt_ids, state.job.params, request_id=state.job.request_id
                 )
                 try:
-                    async for output in _refusals_as_400(stream, state):
+                    async for output in _engine_errors(stream, state):
                         self._observe(state, output)
                         yield state, output
                 finally:
@@ -107,7 +107,7 @@ class SequenceRunner:
                 state.job.prompt_ids, state.job.params, request_id=state.job.request_id
             )
             try:
-                async for output in _refusals_as_400(stream, state):
+                async for output in _engine_errors(stream, state):
                     queue.put_nowait((state, output, None))
                 queue.put_nowait((state, done_marker, None))
             except BaseException as exc:  # handed to the consumer, which re-raises it
@@ -199,9 +199,13 @@ def _queue_time(output: Any) -> float | None:
     return None
 
 
-async def _refusals_as_400(stream: AsyncIterator[Any], state: SequenceState) -> AsyncIterator[Any]:
-    """The engine refuses bad input with a ValueError naming the parameter when a request is submitted:
-    that is the client's error (400), not the server's."""
+async def _engine_errors(stream: AsyncIterator[Any], state: SequenceState) -> AsyncIterator[Any]:
+    """Engine errors in the OpenAI shape.
+
+    The engine refuses bad input with a ValueError naming the parameter when a request is submitted: that is
+    the client's error (400). A request the engine had to end on its own (RequestFailedError: NaN logits, a
+    failing detokenizer) is a 500 naming the reason; the other requests are not affected.
+    """
     received = False
     try:
         async for output in stream:
@@ -211,6 +215,13 @@ async def _refusals_as_400(stream: AsyncIterator[Any], state: SequenceState) -> 
         if received:
             raise
         raise bad_request(str(exc), None) from None
+    except RuntimeError as exc:
+        from ..engine.errors import RequestFailedError  # the engine is loaded: it raised this
+
+        if not isinstance(exc, RequestFailedError):
+            raise
+        log.warning("request %s failed: %s", state.job.request_id, exc.reason)
+        raise OpenAIError(500, f"generation failed: {exc.reason}", code="generation_failed") from exc
 
 
 async def _aclose(stream: Any) -> None:
