@@ -4,9 +4,11 @@ Every step is a container component running one CLI in the serving image (the `i
 steps hand data over through object storage under `work_uri`:
 
   prepare-data  deepseek-ee data prepare --input RAW --output WORK/data --tokenizer BASE
-  train         deepseek-ee train --config CONFIG --model BASE --data WORK/data --output WORK/model
-  compress      deepseek-ee compress --model WORK/model --output WORK/int8 --method dynamic_quantization --dtype int8
-  evaluate      deepseek-cne pipeline evaluate --baseline WORK/model --candidate WORK/int8 --data EVAL ...
+  train         deepseek-ee train --config CONFIG --model BASE --data WORK/data --output-dir WORK/model
+                -> the trained Hugging Face-format model in WORK/model/final
+  compress      deepseek-ee compress --model WORK/model/final --output WORK/int8 --method dynamic_quantization
+                --eval-data EVAL --max-loss MAX_LOSS   (the compressor's own gate: fails the step beyond it)
+  evaluate      deepseek-cne pipeline evaluate --baseline WORK/model/final --candidate WORK/int8 --data EVAL ...
                 -> outputs `passed` ("true"/"false") and the JSON accuracy report
   deploy        deepseek-cne deploy --model WORK/int8 --name SERVICE ...   (only when passed == "true")
 
@@ -44,13 +46,15 @@ def train(config_uri: str, base_model: str, data_uri: str, output_uri: str) -> d
     return dsl.ContainerSpec(
         image=DEFAULT_IMAGE,
         command=["deepseek-ee", "train"],
-        args=["--config", config_uri, "--model", base_model, "--data", data_uri, "--output", output_uri],
+        args=["--config", config_uri, "--model", base_model, "--data", data_uri, "--output-dir", output_uri],
     )
 
 
 @dsl.container_component
-def compress(model_uri: str, output_uri: str) -> dsl.ContainerSpec:
-    """INT8 dynamic quantization of the trained model."""
+def compress(
+    model_uri: str, output_uri: str, eval_data_uri: str, max_loss_increase: float
+) -> dsl.ContainerSpec:
+    """INT8 dynamic quantization of the trained model, behind the compressor's own perplexity gate."""
     return dsl.ContainerSpec(
         image=DEFAULT_IMAGE,
         command=["deepseek-ee", "compress"],
@@ -61,9 +65,11 @@ def compress(model_uri: str, output_uri: str) -> dsl.ContainerSpec:
             output_uri,
             "--method",
             "dynamic_quantization",
-            "--dtype",
-            "int8",
-        ],
+            "--eval-data",
+            eval_data_uri,
+            "--max-loss",
+            max_loss_increase,
+        ],  # fmt: skip
     )
 
 
@@ -142,14 +148,20 @@ def train_compress_deploy(
     """The whole loop; every URI may be s3://, gs:// or a path on a shared volume."""
     data_uri = f"{work_uri}/data"
     model_uri = f"{work_uri}/model"
+    trained_uri = f"{model_uri}/final"  # where the trainer exports the Hugging Face-format model
     int8_uri = f"{work_uri}/int8"
     prep = prepare_data(raw_data_uri=raw_data_uri, output_uri=data_uri, tokenizer=base_model)
     fit = train(config_uri=train_config_uri, base_model=base_model, data_uri=data_uri, output_uri=model_uri)
     fit.after(prep)
     fit.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(train_gpus)
-    quant = compress(model_uri=model_uri, output_uri=int8_uri).after(fit)
+    quant = compress(
+        model_uri=trained_uri,
+        output_uri=int8_uri,
+        eval_data_uri=eval_data_uri,
+        max_loss_increase=max_loss_increase,
+    ).after(fit)
     gate = evaluate(
-        baseline_uri=model_uri,
+        baseline_uri=trained_uri,
         candidate_uri=int8_uri,
         eval_data_uri=eval_data_uri,
         max_loss_increase=max_loss_increase,

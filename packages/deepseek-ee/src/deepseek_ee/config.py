@@ -427,7 +427,7 @@ class EEConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
-    source: Path | None = None
+    source: Path | str | None = None  # the file or URL it was read from
 
 
 _SECTIONS: dict[str, type] = {
@@ -452,16 +452,20 @@ _ADAFACTOR_KEYS = (
 
 # ---------------------------------------------------------------------------------------------- loading
 def load_ee_config(path: str | os.PathLike[str]) -> EEConfig:
-    """Read and validate an EE YAML file; raise ConfigError naming the file and field at fault."""
-    path = Path(path)
+    """Read and validate an EE YAML file (a path, or an s3:// / gs:// URL read through fsspec); raise
+    ConfigError naming the file and field at fault."""
+    from deepseek_core import storage
+
+    where: str | Path = os.fspath(path) if storage.is_remote(os.fspath(path)) else Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with storage.open_url(where, "rb") as handle:
+            text = handle.read().decode("utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc}") from None
-    config = parse_ee_config(text, source=str(path))
-    config.source = path
+        raise ConfigError(f"{where}: config file not found") from None
+    except (OSError, UnicodeDecodeError, ImportError) as exc:
+        raise ConfigError(f"{where}: cannot read config file: {exc}") from None
+    config = parse_ee_config(text, source=str(where))
+    config.source = where
     return config
 
 

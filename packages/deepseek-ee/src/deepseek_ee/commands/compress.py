@@ -7,6 +7,8 @@ how much); 2 bad input.
 from __future__ import annotations
 
 import argparse
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -58,15 +60,18 @@ def register(subparsers: Any) -> None:
         "beside it when nothing was written).",
     )
     p.add_argument(
-        "--model", type=Path, help="float checkpoint directory (config.json + safetensors + tokenizer)"
+        "--model",
+        help="float checkpoint directory (config.json + safetensors + tokenizer), or its s3:// / gs:// URL",
     )
-    p.add_argument("--output", type=Path, help="where to write the INT8 checkpoint directory")
+    p.add_argument(
+        "--output", help="where to write the INT8 checkpoint directory (a path or s3:// / gs:// URL)"
+    )
     p.add_argument("--config", type=Path, help="EE YAML config: its `compression` section gives defaults")
     p.add_argument("--method", choices=METHODS, help="quantization method (default dynamic_quantization)")
     p.add_argument(
         "--max-loss", type=_fraction, help="largest relative perplexity increase allowed (default 0.02)"
     )
-    p.add_argument("--eval-data", type=Path, help="held-out text (.txt/.jsonl/.parquet) for the gate")
+    p.add_argument("--eval-data", help="held-out text (.txt/.jsonl/.parquet; a path or URL) for the gate")
     p.add_argument(
         "--eval-tokens", type=_positive_int, default=16384, help="tokens of eval data used (default 16384)"
     )
@@ -111,7 +116,39 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Handle `deepseek-ee compress`."""
+    """Handle `deepseek-ee compress`: remote --model / --eval-data are fetched (hash-verified) first, and a
+    remote --output is written locally, then published with its manifest last."""
+    from deepseek_core import storage
+
+    with tempfile.TemporaryDirectory(prefix="deepseek-compress-") as staging:
+        output = _compress(args, Path(staging))
+        if output is not None and storage.is_remote(args.output or ""):
+            storage.upload_directory(output, args.output)
+            print(f"  published: {args.output}")
+    return 0
+
+
+def _local(url: str | None, staging: Path, what: str) -> Path | None:
+    """A local path for `url`; a remote file is downloaded into `staging`, a remote checkpoint fetched."""
+    from deepseek_core import storage
+
+    if url is None or not storage.is_remote(url):
+        return Path(url) if url is not None else None
+    try:
+        if what == "--model":
+            return storage.fetch_checkpoint(url)
+        target = staging / f"eval-data{Path(url).suffix}"
+        with storage.open_url(url, "rb") as source, open(target, "wb") as sink:
+            shutil.copyfileobj(source, sink)
+        return target
+    except (OSError, ImportError, ValueError) as exc:
+        raise CommandError(f"{what}: cannot read {url}: {exc}", 2) from None
+
+
+def _compress(args: argparse.Namespace, staging: Path) -> Path | None:
+    """Run the compression and the gate; return the local INT8 directory written (None: nothing written)."""
+    from deepseek_core import storage
+
     from ..compression import compress_checkpoint
 
     section: Any = None
@@ -123,17 +160,20 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(
                 f"{args.config}: compression.dtype {section.dtype!r} is not supported (int8)", 2
             )
-    model = args.model
-    output = args.output or (Path(section.output_dir) if section and section.output_dir else None)
-    if model is None:
+    if args.model is None:
         raise CommandError("--model: required (a float checkpoint directory)", 2)
-    if output is None:
+    output_arg = args.output or (section.output_dir if section and section.output_dir else None)
+    if output_arg is None:
         raise CommandError("--output: required (or compression.output_dir in --config)", 2)
+    args.output = output_arg
+    output = staging / "int8" if storage.is_remote(output_arg) else Path(output_arg)
     method = args.method or (section.method if section else "dynamic_quantization")
     max_loss = (
         args.max_loss if args.max_loss is not None else (section.max_loss_increase if section else 0.02)
     )
-    eval_data = args.eval_data or (Path(section.eval_data) if section and section.eval_data else None)
+    model = _local(args.model, staging, "--model")
+    assert model is not None
+    eval_data = _local(args.eval_data or (section.eval_data if section else None), staging, "--eval-data")
     if not (model / "config.json").is_file():
         raise CommandError(
             f"--model: {model / 'config.json'} not found (is {model} a checkpoint directory?)", 2
@@ -143,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
             "--eval-data: required: the accuracy gate needs held-out text (use --force to write without checking)",
             2,
         )
-    if eval_data is not None and not Path(eval_data).is_file():
+    if eval_data is not None and not eval_data.is_file():
         raise CommandError(f"--eval-data: {eval_data} not found", 2)
     try:
         report = compress_checkpoint(
@@ -174,13 +214,13 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(
             f"accuracy gate failed: perplexity rose {report.relative_change:.2%}, over the {max_loss:.2%} limit "
             f"by {report.excess:.2%} ({report.before['perplexity']:.4f} -> {report.after['perplexity']:.4f}); "
-            f"{output} was not written",
+            f"{args.output} was not written",
             1,
         )
     if report.passed is False:
         print(
-            f"WARNING: --force: wrote {output} although the accuracy gate failed (over the limit by {report.excess:.2%})"
+            f"WARNING: --force: wrote {args.output} although the accuracy gate failed (over the limit by {report.excess:.2%})"
         )
     elif report.passed is None:
-        print(f"WARNING: --force without eval data: wrote {output} with no accuracy check")
-    return 0
+        print(f"WARNING: --force without eval data: wrote {args.output} with no accuracy check")
+    return output

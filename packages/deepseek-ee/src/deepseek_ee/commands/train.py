@@ -28,8 +28,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "model to <output_dir>/final, metrics to MLflow (the `tracking` section)."
         ),
     )
-    parser.add_argument("--config", required=True, type=Path, help="EE YAML config (see deepseek_ee.config)")
-    parser.add_argument("--output-dir", default=None, help="override training.output_dir")
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="EE YAML config, a path or an s3:// / gs:// URL (see deepseek_ee.config)",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="override the config's model: a preset name, a checkpoint directory or URL",
+    )
+    parser.add_argument(
+        "--data", default=None, help="override data.path: a data file or a prepared shard directory (or URL)"
+    )
+    parser.add_argument("--output-dir", default=None, help="override training.output_dir (a path or URL)")
     parser.add_argument("--max-steps", type=int, default=None, help="override training.max_steps")
     parser.add_argument("--no-resume", action="store_true", help="start afresh even when a checkpoint exists")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
@@ -62,6 +74,16 @@ def _model_and_tokenizer(config: Any) -> tuple[Any, Any]:
     return model, model.tokenizer
 
 
+def _override_model(config: Any, model: str) -> None:
+    """--model: a known preset name starts a fresh model; anything else is a checkpoint path or URL."""
+    from deepseek_core.presets import preset_names
+
+    if model in preset_names():
+        config.model.preset, config.model.path = model, None
+    else:
+        config.model.preset, config.model.path = None, model
+
+
 def _torch_dtype(name: str) -> Any:
     import torch
 
@@ -70,12 +92,17 @@ def _torch_dtype(name: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Load the config, build model and trainer, train; rank 0 prints where the results are."""
+    from deepseek_core import storage
     from deepseek_core.errors import ConfigError
 
     from ..config import load_ee_config
 
     config = load_ee_config(args.config)
     source = config.source or args.config
+    if args.model:
+        _override_model(config, args.model)
+    if args.data:
+        config.data.path = args.data
     hyper = config.training.hyperparameters
     if args.max_steps is not None:
         if args.max_steps < 1:
@@ -113,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
             optimizer_options=config.training.optimizer_options or None,
             collective_timeout_s=dist.collective_timeout_s,
             peer_timeout_s=dist.peer_timeout_s,
-            config_files=[args.config],
+            config_files=[] if storage.is_remote(args.config) else [Path(args.config)],
         )
     except (ValueError, TypeError, FileNotFoundError) as exc:
         raise CommandError(f"{source}: {exc}", 2) from None
