@@ -367,5 +367,8 @@ def test_server_failed_request_gets_an_error_others_complete(chain_model, tmp_pa
             assert after.status_code == 200 and after.json()["choices"][0]["text"] == GOOD
             metrics = client.get(server.url + "/metrics").text
         assert 'deepseek_requests_running{model="chain"} 0.0' in metrics
+        # The 500 answer and the failed stream (its headers said 200) are both counted.
+        assert 'deepseek_request_errors_total{code="500",model="chain"} 2.0' in metrics
+        assert 'deepseek_requests_finished_total{finish_reason="abort",model="chain"} 2.0' in metrics
     finally:
         server.stop()

@@ -24,13 +24,13 @@ class SamplingError(RuntimeError):
     """Some rows of a batch could not be sampled (see sample_rows for per-row results)."""
 
 
-def bad_rows(logits: torch.Tensor) -> list[int]:
+def bad_rows(logits: torch.Tensor, row_max: torch.Tensor | None = None) -> list[int]:
     """Rows of `logits` [n, vocab] that cannot be sampled: any NaN or +inf, or no finite value.
 
-    -inf alone is a masked token and fine. A row's maximum is NaN, +inf or -inf exactly in those cases, so
-    one cheap reduction (and one host sync) per step finds them.
+    -inf alone is a masked token and fine. A row's maximum (`row_max`, computed when not given) is NaN, +inf
+    or -inf exactly in those cases, so one reduction and one host sync per step find them.
     """
-    finite = logits.amax(dim=-1).isfinite()
+    finite = (logits.amax(dim=-1) if row_max is None else row_max).isfinite()
     if bool(finite.all()):
         return []
     return (~finite).nonzero().flatten().tolist()
@@ -102,7 +102,8 @@ def sample_rows(
 ) -> tuple[list[int | None], list[TokenLogprob | None], dict[int, str]]:
     """Like sample, row by row: (tokens, logprobs, errors); a failed row has token None and errors[row] why."""
     logits = logits.float()
-    errors = {row: NON_FINITE_LOGITS for row in bad_rows(logits)}
+    row_max, argmax = logits.max(dim=-1)  # one pass: the finiteness check and the greedy tokens
+    errors = {row: NON_FINITE_LOGITS for row in bad_rows(logits, row_max)}
     if errors:  # sample the healthy rows on their own; no generator has been touched yet
         keep = [i for i in range(len(seqs)) if i not in errors]
         tokens: list[int | None] = [None] * len(seqs)
@@ -114,13 +115,13 @@ def sample_rows(
                 tokens[i], logprobs[i] = sub_tokens[j], sub_logprobs[j]
             errors.update({keep[j]: why for j, why in sub_errors.items()})
         return tokens, logprobs, errors
-    return _sample_finite(logits, seqs)
+    return _sample_finite(logits, seqs, argmax)
 
 
 def _sample_finite(
-    logits: torch.Tensor, seqs: list[Sequence]
+    logits: torch.Tensor, seqs: list[Sequence], argmax: torch.Tensor
 ) -> tuple[list[int | None], list[TokenLogprob | None], dict[int, str]]:
-    """sample_rows for float32 logits whose rows all have a finite maximum and no NaN / +inf."""
+    """sample_rows for float32 logits whose rows all have a finite maximum and no NaN / +inf (arg-maxes given)."""
     n = logits.shape[0]
     errors: dict[int, str] = {}
     want_logprobs = [s.params.logprobs is not None for s in seqs]
@@ -130,7 +131,8 @@ def _sample_finite(
         for i, seq in enumerate(seqs):
             if seq.params.needs_penalties:
                 apply_penalties(logits[i], seq)
-    tokens = logits.argmax(dim=-1)
+        argmax = logits.argmax(dim=-1)
+    tokens = argmax
     sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if sampled:
         probs = filter_logits(logits[sampled], [seqs[i].params for i in sampled]).softmax(dim=-1)

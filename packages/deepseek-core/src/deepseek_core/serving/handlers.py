@@ -128,10 +128,12 @@ def _stream(call: _Call, chunks: AsyncGenerator[bytes, None], request_id: str) -
 
 
 def _stream_error(call: _Call, exc: Exception) -> bytes:
-    """The error event that ends a stream whose headers (200) were already sent."""
+    """The error event that ends a stream whose headers (200) were already sent (counted as its error code)."""
     if isinstance(exc, OpenAIError):
         call.record.error = exc.message
+        call.ctx.metrics.error(exc.status_code)
         return sse(exc.body())
+    call.ctx.metrics.error(500)
     log.exception("request %s failed while streaming", call.record.request_id)
     call.record.error = f"{type(exc).__name__}: {exc}"
     return sse(error_body(500, f"generation failed: {type(exc).__name__}", code="internal_error"))
