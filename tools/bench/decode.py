@@ -242,6 +242,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip transformers (report our figures only)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--cuda-graphs", action="store_true", help="our decode steps as CUDA graphs (CUDA)")
+    parser.add_argument(
+        "--max-batched-tokens",
+        type=int,
+        default=None,
+        help="our engine's max_num_batched_tokens (prefill chunk)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -310,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
             max_num_seqs=n_requests,
             max_model_len=max_prompt + max_output + 16,
             cuda_graphs=args.cuda_graphs,
+            **({"max_num_batched_tokens": args.max_batched_tokens} if args.max_batched_tokens else {}),
         )
         llm.generate([[2, 3, 4]], SamplingParams(max_tokens=4))  # warm-up
         results = {"ours (continuous batching)": run_engine_workload(llm, requests, device)}
