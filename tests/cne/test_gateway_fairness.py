@@ -102,7 +102,8 @@ def _p99(samples: list[float]) -> float:
 ATTEMPTS = 3  # latency on a shared 2-core machine is noisy; real starvation fails every attempt
 
 
-# Timing-sensitive: run on an otherwise idle machine (`nox -s cne -- -m slow`); CI deselects slow tests.
+# Timing-sensitive, and not yet met reliably: on an idle 2-core machine victim p99 under the flood is 1.8-2.8x its
+# unloaded p99 (median ~2.2x; issue 8). Run it with `nox -s cne -- -m slow`; CI deselects slow tests.
 @pytest.mark.slow
 def test_a_flooding_tenant_does_not_starve_another(gateway: GatewayProcess, tmp_path: Path) -> None:
     results = []
