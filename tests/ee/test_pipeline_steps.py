@@ -5,6 +5,7 @@ INT8 checkpoint there (hash manifest last), which core then loads from the bucke
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,17 @@ def test_train_then_compress_through_object_storage(s3_bucket: str, tmp_path: Pa
     assert f"published: {work}/int8" in compressed.stdout
     files = set(storage.read_manifest(f"{work}/int8")["files"])
     assert {"config.json", "compression_report.json", "tokenizer.json"} <= files
+
+    # A damaged quantization fails the gate: nothing is published, the report lands beside the URL.
+    failed = _run(
+        "compress", "--model", f"{work}/model/final", "--output", f"{work}/int8-bad", "--eval-data",
+        f"{s3_bucket}/eval.txt", "--eval-tokens", "2048", "--granularity", "per-tensor", "--clip-ratio", "0.02",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert failed.returncode == 1 and "accuracy gate failed" in failed.stderr, failed.stdout + failed.stderr
+    assert storage.read_manifest(f"{work}/int8-bad") is None
+    with storage.open_url(f"{work}/int8-bad.compression_report.json") as handle:
+        assert json.loads(handle.read())["passed"] is False
 
     model = load_model(storage.fetch_checkpoint(f"{work}/int8"), device="cpu")
     assert any(isinstance(m, Int8Linear) for m in model.modules())

@@ -121,7 +121,16 @@ def run(args: argparse.Namespace) -> int:
     from deepseek_core import storage
 
     with tempfile.TemporaryDirectory(prefix="deepseek-compress-") as staging:
-        output = _compress(args, Path(staging))
+        try:
+            output = _compress(args, Path(staging))
+        except CommandError:
+            # A failed gate writes its report beside the (unwritten) output: publish it beside the URL too.
+            report = Path(staging) / "int8.compression_report.json"
+            if storage.is_remote(args.output or "") and report.is_file() and args.report is None:
+                with storage.open_url(f"{args.output}.compression_report.json", "wb") as sink:
+                    sink.write(report.read_bytes())
+                print(f"  report: {args.output}.compression_report.json")
+            raise
         if output is not None and storage.is_remote(args.output or ""):
             storage.upload_directory(output, args.output)
             print(f"  published: {args.output}")
