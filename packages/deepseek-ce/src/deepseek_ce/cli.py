@@ -9,27 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from deepseek_core.argtypes import positive_float, positive_int
+
 PROG = "deepseek-ce"
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 # TrainingConfig fields settable from `train`: (option, field, type, help)
@@ -72,18 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quick.add_argument(
         "--minutes",
-        type=_positive_float,
+        type=positive_float,
         default=2.0,
         help="training time budget (default 2; fractions allowed)",
     )
     quick.add_argument(
-        "--max-steps", type=_positive_int, default=None, help="train exactly this many steps instead"
+        "--max-steps", type=positive_int, default=None, help="train exactly this many steps instead"
     )
     quick.add_argument(
-        "--corpus-mb", type=_positive_float, default=4.0, help="megabytes of stdlib source to use (default 4)"
+        "--corpus-mb", type=positive_float, default=4.0, help="megabytes of stdlib source to use (default 4)"
     )
     quick.add_argument(
-        "--vocab-size", type=_positive_int, default=4096, help="tokenizer vocabulary (default 4096)"
+        "--vocab-size", type=positive_int, default=4096, help="tokenizer vocabulary (default 4096)"
     )
     quick.add_argument("--seed", type=int, default=0)
     quick.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -100,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer", default=None, help="tokenizer directory (default: the model's, else train one)"
     )
     train.add_argument(
-        "--vocab-size", type=_positive_int, default=4096, help="vocabulary of a newly trained tokenizer"
+        "--vocab-size", type=positive_int, default=4096, help="vocabulary of a newly trained tokenizer"
     )
     train.add_argument("--output-dir", default="deepseek-ce-run", help="checkpoints, logs and loss curve")
     train.add_argument(
@@ -115,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="the text to continue")
     _add_sampling(gen, default_tokens=64)
     gen.add_argument(
-        "--max-length", type=_positive_int, default=None, help="prompt + new tokens (as in transformers)"
+        "--max-length", type=positive_int, default=None, help="prompt + new tokens (as in transformers)"
     )
     gen.add_argument("--no-stream", action="store_true", help="print the whole text at the end")
 
@@ -133,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_sampling(parser: argparse.ArgumentParser, default_tokens: int) -> None:
     parser.add_argument(
-        "--max-new-tokens", type=_positive_int, default=None, help=f"new tokens (default {default_tokens})"
+        "--max-new-tokens", type=positive_int, default=None, help=f"new tokens (default {default_tokens})"
     )
     parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     parser.add_argument("--top-p", type=float, default=0.95)

@@ -12,44 +12,12 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .argtypes import bounded, non_negative_float, non_negative_int, positive_int
+
 API_KEY_ENV = "DEEPSEEK_API_KEY"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _port(text: str) -> int:
-    value = _non_negative_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"must be a TCP port (0-65535), got {value}")
-    return value
+_port = bounded(int, lambda v: 0 <= v <= 65535, "must be a TCP port (0-65535)")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,7 +39,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-waiting",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=None,
         help="answer 429 when more sequences than this would wait (default: unbounded)",
     )
@@ -81,15 +49,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     parser.add_argument(
         "--drain-timeout",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=30.0,
         help="seconds to let in-flight requests finish on SIGTERM (default 30)",
     )
-    parser.add_argument("--max-num-seqs", type=_positive_int, default=None, help="sequences run at once")
+    parser.add_argument("--max-num-seqs", type=positive_int, default=None, help="sequences run at once")
     parser.add_argument(
-        "--max-num-batched-tokens", type=_positive_int, default=None, help="tokens per engine step"
+        "--max-num-batched-tokens", type=positive_int, default=None, help="tokens per engine step"
     )
-    parser.add_argument("--num-kv-blocks", type=_positive_int, default=None, help="KV-cache blocks")
+    parser.add_argument("--num-kv-blocks", type=positive_int, default=None, help="KV-cache blocks")
     parser.add_argument("--audit-log", metavar="FILE", default=None, help="append one JSON line per request")
     parser.add_argument(
         "--audit-log-include-text",

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -143,15 +144,10 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def weight_only_gemm(
-    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """x [M, K] (CPU, float) @ (int8 weight [N, K] * scale[N])^T + bias -> float32 [M, N] via the kernel.
-
-    The caller checks native_library() is not None. Hot path at decode: kept to a few cheap checks.
-    """
-    lib = native_library()
-    assert lib is not None
+def _int8_gemm(
+    fn: Any, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[int | None, torch.Tensor]:
+    """Call a native GEMM taking (x, ldx, int8 weight, scale, bias, out, m, n, k, threads); (status, out)."""
     x = _f32(x)
     if not weight.is_contiguous():
         weight = weight.contiguous()
@@ -161,7 +157,7 @@ def weight_only_gemm(
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty((m, n), dtype=torch.float32)
-    lib.ds_int8_wo_gemm(
+    status = fn(
         x.data_ptr(),
         k,
         weight.data_ptr(),
@@ -173,7 +169,19 @@ def weight_only_gemm(
         k,
         torch.get_num_threads(),
     )
-    return out
+    return status, out
+
+
+def weight_only_gemm(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x [M, K] (CPU, float) @ (int8 weight [N, K] * scale[N])^T + bias -> float32 [M, N] via the kernel.
+
+    The caller checks native_library() is not None. Hot path at decode: kept to a few cheap checks.
+    """
+    lib = native_library()
+    assert lib is not None
+    return _int8_gemm(lib.ds_int8_wo_gemm, x, weight, scale, bias)[1]
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,28 +230,9 @@ def dynamic_gemm(
     """
     lib = native_library()
     assert lib is not None
-    x = _f32(x)
-    if not weight.is_contiguous():
-        weight = weight.contiguous()
-    scale = _f32(scale)
-    if bias is not None:
-        bias = _f32(bias)
-    m, k = x.shape
-    n = weight.shape[0]
-    out = torch.empty((m, n), dtype=torch.float32)
-    status = lib.ds_int8_dyn_gemm(
-        x.data_ptr(),
-        k,
-        weight.data_ptr(),
-        scale.data_ptr(),
-        bias.data_ptr() if bias is not None else None,
-        out.data_ptr(),
-        m,
-        n,
-        k,
-        torch.get_num_threads(),
-    )
+    status, out = _int8_gemm(lib.ds_int8_dyn_gemm, x, weight, scale, bias)
     if status != 0:
+        (m, k), n = x.shape, weight.shape[0]
         raise MemoryError(f"ds_int8_dyn_gemm failed for a [{m}, {k}] x [{n}, {k}] product")
     return out
 

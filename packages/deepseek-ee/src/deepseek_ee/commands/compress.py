@@ -12,39 +12,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from deepseek_core.argtypes import bounded, positive_int
+
 from . import CommandError
 
+_FRACTION = bounded(float, lambda v: 0.0 <= v < 1.0, "must be in [0, 1) (0.02 = 2%)")
+_CLIP_RATIO = bounded(float, lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")
+
 METHODS = ("dynamic_quantization", "weight_only")
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1) (0.02 = 2%), got {value}")
-    return value
-
-
-def _clip_ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def register(subparsers: Any) -> None:
@@ -69,17 +44,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--config", type=Path, help="EE YAML config: its `compression` section gives defaults")
     p.add_argument("--method", choices=METHODS, help="quantization method (default dynamic_quantization)")
     p.add_argument(
-        "--max-loss", type=_fraction, help="largest relative perplexity increase allowed (default 0.02)"
+        "--max-loss", type=_FRACTION, help="largest relative perplexity increase allowed (default 0.02)"
     )
     p.add_argument("--eval-data", help="held-out text (.txt/.jsonl/.parquet; a path or URL) for the gate")
     p.add_argument(
-        "--eval-tokens", type=_positive_int, default=16384, help="tokens of eval data used (default 16384)"
+        "--eval-tokens", type=positive_int, default=16384, help="tokens of eval data used (default 16384)"
     )
     p.add_argument(
-        "--eval-window", type=_positive_int, default=256, help="tokens per eval window (default 256)"
+        "--eval-window", type=positive_int, default=256, help="tokens per eval window (default 256)"
     )
     p.add_argument(
-        "--batch-size", type=_positive_int, default=8, help="eval windows per forward pass (default 8)"
+        "--batch-size", type=positive_int, default=8, help="eval windows per forward pass (default 8)"
     )
     p.add_argument("--report", type=Path, help="where to save the JSON report")
     p.add_argument(
@@ -90,7 +65,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--clip-ratio",
-        type=_clip_ratio,
+        type=_CLIP_RATIO,
         default=1.0,
         help="fraction of each weight range kept before rounding; values beyond it saturate (default 1.0: no "
         "clipping). Lower values trade outlier accuracy for resolution and usually lose accuracy.",
@@ -117,48 +92,9 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Handle `deepseek-ee compress`: remote --model / --eval-data are fetched (hash-verified) first, and a
-    remote --output is written locally, then published with its manifest last."""
+    remote --output is written locally, then published (the checkpoint with its manifest last; when the gate
+    failed, only the report, beside the URL)."""
     from deepseek_core import storage
-
-    with tempfile.TemporaryDirectory(prefix="deepseek-compress-") as staging:
-        try:
-            output = _compress(args, Path(staging))
-        except CommandError:
-            # A failed gate writes its report beside the (unwritten) output: publish it beside the URL too.
-            report = Path(staging) / "int8.compression_report.json"
-            if storage.is_remote(args.output or "") and report.is_file() and args.report is None:
-                with storage.open_url(f"{args.output}.compression_report.json", "wb") as sink:
-                    sink.write(report.read_bytes())
-                print(f"  report: {args.output}.compression_report.json")
-            raise
-        if output is not None and storage.is_remote(args.output or ""):
-            storage.upload_directory(output, args.output)
-            print(f"  published: {args.output}")
-    return 0
-
-
-def _local(url: str | None, staging: Path, what: str) -> Path | None:
-    """A local path for `url`; a remote file is downloaded into `staging`, a remote checkpoint fetched."""
-    from deepseek_core import storage
-
-    if url is None or not storage.is_remote(url):
-        return Path(url) if url is not None else None
-    try:
-        if what == "--model":
-            return storage.fetch_checkpoint(url)
-        target = staging / f"eval-data{Path(url).suffix}"
-        with storage.open_url(url, "rb") as source, open(target, "wb") as sink:
-            shutil.copyfileobj(source, sink)
-        return target
-    except (OSError, ImportError, ValueError) as exc:
-        raise CommandError(f"{what}: cannot read {url}: {exc}", 2) from None
-
-
-def _compress(args: argparse.Namespace, staging: Path) -> Path | None:
-    """Run the compression and the gate; return the local INT8 directory written (None: nothing written)."""
-    from deepseek_core import storage
-
-    from ..compression import compress_checkpoint
 
     section: Any = None
     if args.config is not None:
@@ -171,18 +107,58 @@ def _compress(args: argparse.Namespace, staging: Path) -> Path | None:
             )
     if args.model is None:
         raise CommandError("--model: required (a float checkpoint directory)", 2)
-    output_arg = args.output or (section.output_dir if section and section.output_dir else None)
-    if output_arg is None:
+    destination = args.output or (section.output_dir if section and section.output_dir else None)
+    if destination is None:
         raise CommandError("--output: required (or compression.output_dir in --config)", 2)
-    args.output = output_arg
-    output = staging / "int8" if storage.is_remote(output_arg) else Path(output_arg)
+    remote = storage.is_remote(destination)
+    with tempfile.TemporaryDirectory(prefix="deepseek-compress-") as staging:
+        output = Path(staging) / "int8" if remote else Path(destination)
+        report = _compress(args, section, output, Path(staging))
+        if remote and report.written:
+            storage.upload_directory(output, destination)
+            print(f"  published: {destination}")
+        elif remote and args.report is None and report.report_path:
+            from ..compression.gate import REPORT_NAME
+
+            published = f"{destination}.{REPORT_NAME}"
+            with storage.open_url(published, "wb") as sink:
+                sink.write(Path(report.report_path).read_bytes())
+            print(f"  report: {published}")
+    _judge(report, destination, args.force)
+    return 0
+
+
+def _local_path(url: str, what: str, fetch: Any) -> Path:
+    """`url` itself when local; else what `fetch(url)` downloads, with errors naming the option `what`."""
+    from deepseek_core import storage
+
+    if not storage.is_remote(url):
+        return Path(url)
+    try:
+        return Path(fetch(url))
+    except (OSError, ImportError, ValueError) as exc:
+        raise CommandError(f"{what}: cannot read {url}: {exc}", 2) from None
+
+
+def _compress(args: argparse.Namespace, section: Any, output: Path, staging: Path) -> Any:
+    """Fetch the inputs, run the compression and the gate into `output`; print and return the report."""
+    from deepseek_core import storage
+
+    from ..compression import compress_checkpoint
+
+    def download(url: str) -> Path:
+        target = staging / f"eval-data{Path(url).suffix}"
+        with storage.open_url(url, "rb") as source, open(target, "wb") as sink:
+            shutil.copyfileobj(source, sink)
+        return target
+
     method = args.method or (section.method if section else "dynamic_quantization")
     max_loss = (
         args.max_loss if args.max_loss is not None else (section.max_loss_increase if section else 0.02)
     )
-    model = _local(args.model, staging, "--model")
-    assert model is not None
-    eval_data = _local(args.eval_data or (section.eval_data if section else None), staging, "--eval-data")
+    model = _local_path(args.model, "--model", storage.fetch_checkpoint)
+    eval_url = args.eval_data or (section.eval_data if section else None)
+    eval_data = _local_path(eval_url, "--eval-data", download) if eval_url else None
     if not (model / "config.json").is_file():
         raise CommandError(
             f"--model: {model / 'config.json'} not found (is {model} a checkpoint directory?)", 2
@@ -218,18 +194,23 @@ def _compress(args: argparse.Namespace, staging: Path) -> Path | None:
         raise CommandError(str(exc), 2) from None
     print(report.summary())
     print(f"  report: {report.report_path}")
-    if report.passed is False and not args.force:
+    return report
+
+
+def _judge(report: Any, destination: str, force: bool) -> None:
+    """Exit 1 when the gate failed (unless forced); warn about what --force let through."""
+    if report.passed is False and not force:
         assert report.before is not None and report.after is not None
         raise CommandError(
-            f"accuracy gate failed: perplexity rose {report.relative_change:.2%}, over the {max_loss:.2%} limit "
-            f"by {report.excess:.2%} ({report.before['perplexity']:.4f} -> {report.after['perplexity']:.4f}); "
-            f"{args.output} was not written",
+            f"accuracy gate failed: perplexity rose {report.relative_change:.2%}, over the "
+            f"{report.max_loss:.2%} limit by {report.excess:.2%} ({report.before['perplexity']:.4f} -> "
+            f"{report.after['perplexity']:.4f}); {destination} was not written",
             1,
         )
     if report.passed is False:
         print(
-            f"WARNING: --force: wrote {args.output} although the accuracy gate failed (over the limit by {report.excess:.2%})"
+            f"WARNING: --force: wrote {destination} although the accuracy gate failed (over the limit by "
+            f"{report.excess:.2%})"
         )
     elif report.passed is None:
-        print(f"WARNING: --force without eval data: wrote {args.output} with no accuracy check")
-    return output
+        print(f"WARNING: --force without eval data: wrote {destination} with no accuracy check")

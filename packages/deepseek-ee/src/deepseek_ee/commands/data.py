@@ -8,6 +8,8 @@ import re
 import sys
 from typing import Any
 
+from deepseek_core.argtypes import positive_int
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -19,16 +21,6 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 64MB, 1GB, 500000)")
     unit = (match.group(2) or "").lower()[:1]
     return int(float(match.group(1)) * _UNITS[unit])
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -70,11 +62,11 @@ def register(subparsers: Any) -> None:
         help="existing Dask scheduler (default: a LocalCluster of --workers processes)",
     )
     p.add_argument(
-        "--workers", type=_positive_int, default=2, help="LocalCluster worker processes (default 2)"
+        "--workers", type=positive_int, default=2, help="LocalCluster worker processes (default 2)"
     )
     p.add_argument(
         "--shard-tokens",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="maximum tokens per shard file (default 33554432)",
     )
@@ -99,7 +91,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--append-eos", action="store_true", help="append the tokenizer's EOS after each document")
     p.add_argument(
         "--max-in-flight",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="tasks submitted at once (default: 2 x worker threads)",
     )
