@@ -1,4 +1,4 @@
-"""Prepacked oneDNN bf16 linears on CPU: same tokens as plain linears, repacked when weights change."""
+"""Prepacked oneDNN linears on CPU: same tokens as plain linears, repacked when weights change."""
 
 from __future__ import annotations
 
@@ -10,15 +10,16 @@ from deepseek_core.engine.cpu_linear import prepack_available
 
 from .hf_tiny import TINY_CONFIGS
 
-pytestmark = pytest.mark.skipif(not prepack_available(), reason="no oneDNN bf16 kernels on this CPU")
 
-
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["llama_gqa", "deepseek_v3"])
-def test_prepacked_bf16_matches_plain(kind):
+def test_prepacked_matches_plain(kind: str, dtype: torch.dtype) -> None:
+    if not prepack_available(dtype):
+        pytest.skip(f"no oneDNN {dtype} linear kernels on this CPU")
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_dict(TINY_CONFIGS[kind])).to(torch.bfloat16).eval()
+    model = Transformer(ModelConfig.from_dict(TINY_CONFIGS[kind])).to(dtype).eval()
     plain = LLM(model, cpu_prepack=False, block_size=4)
-    packed = LLM(model, block_size=4)  # auto: on for bf16 on CPU
+    packed = LLM(model, block_size=4)  # auto: on for float32 and bfloat16 on CPU
     assert plain.engine.runner.packed is None
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert packed.engine.runner.packed is not None and packed.engine.runner.packed.num_packed == linears
@@ -35,8 +36,8 @@ def test_prepacked_bf16_matches_plain(kind):
     ]
 
 
-def test_prepack_refuses_float32():
-    model = Transformer(ModelConfig.from_dict(TINY_CONFIGS["llama_gqa"]))
-    with pytest.raises(ValueError, match="cpu_prepack: needs a bfloat16 model on CPU"):
+def test_prepack_refuses_other_dtypes() -> None:
+    model = Transformer(ModelConfig.from_dict(TINY_CONFIGS["llama_gqa"])).to(torch.float16)
+    with pytest.raises(ValueError, match="cpu_prepack: needs a float32 or bfloat16 model on CPU"):
         LLM(model, cpu_prepack=True)
-    assert LLM(model).engine.runner.packed is None  # auto: off for float32
+    assert LLM(model).engine.runner.packed is None  # auto: off for float16

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..model.transformer import Transformer
-from .cpu_linear import prepack_available
+from .cpu_linear import PACKABLE_DTYPES, prepack_available
 from .kv_cache import KVCache, bytes_per_token
 from .outputs import EngineStats, RequestMetrics, RequestOutput
 from .params import SamplingParams
@@ -123,19 +123,21 @@ class EngineCore:
                 )
             else:
                 self.enable_static_decode(capture=True)
-        if cpu_prepack is None:  # auto: bf16 on CPU, when the packed copy (about the model's size) is modest
+        if cpu_prepack is None:  # auto: on CPU, when the packed copy (about the model's size) is modest
             weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
             cpu_prepack = (
-                device.type == "cpu" and dtype == torch.bfloat16 and weight_bytes <= _AUTO_PREPACK_MAX_BYTES
+                device.type == "cpu" and dtype in PACKABLE_DTYPES and weight_bytes <= _AUTO_PREPACK_MAX_BYTES
             )
         if cpu_prepack:
-            if device.type != "cpu" or dtype != torch.bfloat16:
-                raise ValueError(f"cpu_prepack: needs a bfloat16 model on CPU, got {dtype} on {device}")
-            if prepack_available():
+            if device.type != "cpu" or dtype not in PACKABLE_DTYPES:
+                raise ValueError(
+                    f"cpu_prepack: needs a float32 or bfloat16 model on CPU, got {dtype} on {device}"
+                )
+            if prepack_available(dtype):
                 self.runner.enable_cpu_prepack()
             else:
                 log.warning(
-                    "cpu_prepack: oneDNN bfloat16 kernels are not available here; using plain linears"
+                    f"cpu_prepack: oneDNN {dtype} linear kernels are not available here; using plain linears"
                 )
 
     def enable_static_decode(self, capture: bool = True) -> None:

@@ -394,10 +394,10 @@ class ModelRunner:
         self.decode_backend = decode_backend
         self.static: StaticDecode | None = None  # fixed-shape decode steps (CUDA graphs), when enabled
         self.workspace = Workspace(self.device) if self.device.type == "cpu" else None
-        self.packed: PackedLinears | None = None  # oneDNN-prepacked bf16 linears (CPU), when enabled
+        self.packed: PackedLinears | None = None  # oneDNN-prepacked linears (CPU), when enabled
 
     def enable_cpu_prepack(self) -> int:
-        """Route the model's bf16 linears to prepacked oneDNN weights during engine passes; returns the count."""
+        """Route the model's float32/bfloat16 linears to prepacked oneDNN weights during engine passes; returns the count."""
         self.packed = PackedLinears(self.model)
         return self.packed.num_packed
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import KVCacheView
+from .linear import Linear
 from .norm import RMSNorm
 from .rope import RotaryTables, softmax_scale
 
@@ -35,17 +36,17 @@ class MLAttention(nn.Module):
         self.qk_head_dim = config.qk_head_dim
         h, bias = config.hidden_size, config.attention_bias
         if self.q_lora_rank:
-            self.q_a_proj = nn.Linear(h, self.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(h, self.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
+            self.q_b_proj = Linear(self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
         else:
-            self.q_proj = nn.Linear(h, self.num_heads * self.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(h, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
+            self.q_proj = Linear(h, self.num_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(h, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
-        self.kv_b_proj = nn.Linear(
+        self.kv_b_proj = Linear(
             self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
-        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, h, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.v_head_dim, h, bias=bias)
         self.scale = softmax_scale(config, self.qk_head_dim)
 
     def project_query(self, hidden_states: torch.Tensor) -> torch.Tensor:

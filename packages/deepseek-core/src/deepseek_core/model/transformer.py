@@ -7,6 +7,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import Attention, KVCacheView
+from .linear import Linear
 from .mla import MLAttention
 from .mlp import MLP
 from .moe import MoE
@@ -68,7 +69,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.model = DecoderModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.reset_parameters()
