@@ -11,13 +11,11 @@ counter moves) or replaced is repacked before its next use.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.linear import Linear, route_linears
+from ..model.linear import Linear, LinearRouter, swap_linear_router
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -48,7 +46,7 @@ class PackedLinears:
     def __init__(self, model: nn.Module) -> None:
         # id(weight) -> (weight, version when packed, packed weight)
         self._packed: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
-        self._routes: list[contextlib.AbstractContextManager[None]] = []
+        self._previous: list[LinearRouter | None] = []  # routers to restore, one per active `with`
         for module in model.modules():
             weight = getattr(module, "weight", None)
             if (
@@ -86,10 +84,8 @@ class PackedLinears:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, module.bias, "none", [], "")
 
     def __enter__(self) -> PackedLinears:
-        route = route_linears(self.linear)
-        route.__enter__()
-        self._routes.append(route)
+        self._previous.append(swap_linear_router(self.linear))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._routes.pop().__exit__(*exc)
+        swap_linear_router(self._previous.pop())

@@ -8,9 +8,8 @@ lookup per linear call costs far less than a TorchFunctionMode, which intercepts
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +30,9 @@ class Linear(nn.Linear):
         return F.linear(input, self.weight, self.bias)
 
 
-@contextlib.contextmanager
-def route_linears(router: LinearRouter) -> Iterator[None]:
-    """Send every `Linear` call on this thread to `router(module, input)` inside the block."""
-    previous = getattr(_local, "router", None)
+def swap_linear_router(router: LinearRouter | None) -> LinearRouter | None:
+    """Send every `Linear` call on this thread to `router(module, input)` (None: F.linear); returns the
+    previous router, to be put back when done."""
+    previous: LinearRouter | None = getattr(_local, "router", None)
     _local.router = router
-    try:
-        yield
-    finally:
-        _local.router = previous
+    return previous
