@@ -41,3 +41,33 @@ def test_prepack_refuses_other_dtypes() -> None:
     with pytest.raises(ValueError, match="cpu_prepack: needs a float32 or bfloat16 model on CPU"):
         LLM(model, cpu_prepack=True)
     assert LLM(model).engine.runner.packed is None  # auto: off for float16
+
+
+def test_routing_is_confined_to_the_engine_thread() -> None:
+    """While the engine's packed linears are active on one thread, another thread trains the same model."""
+    import threading
+
+    if not prepack_available(torch.float32):
+        pytest.skip("no oneDNN float32 linear kernels on this CPU")
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_dict(TINY_CONFIGS["llama_gqa"]))
+    packed = LLM(model).engine.runner.packed
+    assert packed is not None
+    calls: list[int] = []
+    original = packed.linear
+    packed.linear = lambda module, x: calls.append(1) or original(module, x)  # type: ignore[method-assign]
+    grads: list[torch.Tensor | None] = []
+
+    def train_step() -> None:
+        model.zero_grad()
+        model(torch.tensor([[3, 4, 5]])).sum().backward()
+        grads.append(model.lm_head.weight.grad)
+
+    with packed:
+        worker = threading.Thread(target=train_step)
+        worker.start()
+        worker.join()
+        model(torch.tensor([[3, 4]]))  # this thread: routed
+    assert grads and grads[0] is not None and bool(grads[0].abs().sum() > 0)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert len(calls) == linears  # only the engine thread's forward went through the packed weights
