@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -72,20 +72,30 @@ class RotaryTables:
     cos: torch.Tensor
     sin: torch.Tensor
     interleaved: bool
+    # dtype -> ([cos, cos], [-sin, sin]) shaped [batch, 1, seq, rope_dim]: built once per forward pass, not
+    # once per layer and projection.
+    _tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def _for(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        tables = self._tables.get(dtype)
+        if tables is None:
+            cos, sin = self.cos.unsqueeze(1).to(dtype), self.sin.unsqueeze(1).to(dtype)
+            tables = (torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1))
+            self._tables[dtype] = tables
+        return tables
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate x [batch, heads, seq, rope_dim]; interleaved inputs come out split in halves.
 
-        Query and key go through the same permutation, so their dot products are unchanged.
+        Query and key go through the same permutation, so their dot products are unchanged. Computes
+        (x1 * cos - x2 * sin, x2 * cos + x1 * sin) for the halves x1, x2, rounding exactly as written so.
         """
-        cos = self.cos.unsqueeze(1).to(x.dtype)
-        sin = self.sin.unsqueeze(1).to(x.dtype)
+        cos, signed_sin = self._for(x.dtype)
+        half = x.shape[-1] // 2
         if self.interleaved:
-            x1, x2 = x[..., 0::2], x[..., 1::2]
-        else:
-            half = x.shape[-1] // 2
-            x1, x2 = x[..., :half], x[..., half:]
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+            x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+        swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + swapped * signed_sin
 
 
 class RotaryEmbedding(torch.nn.Module):
