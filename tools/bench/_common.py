@@ -47,11 +47,44 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 3, warmup: i
 
 
 def print_table(rows: list[dict[str, object]]) -> None:
-    """Print rows (dicts with the same keys) as an aligned text table."""
+    """Print rows as an aligned text table (columns in first-seen order; a row may leave one blank)."""
     if not rows:
         return
-    keys = list(rows[0])
-    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys}
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    widths = {k: max(len(k), *(len(str(r.get(k, ""))) for r in rows)) for k in keys}
     print("  ".join(k.ljust(widths[k]) for k in keys))
     for row in rows:
-        print("  ".join(str(row[k]).ljust(widths[k]) for k in keys))
+        print("  ".join(str(row.get(k, "")).ljust(widths[k]) for k in keys))
+
+
+def measured_peak_flops(device: torch.device, dtype: torch.dtype, size: int) -> float:
+    """FLOP/s of a size x size matmul in `dtype`: the practical ceiling for this machine."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    repeats = 20 if device.type == "cuda" else 5
+    timings = []
+    for _ in range(3):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        timings.append((time.perf_counter() - start) / repeats)
+    return 2 * size**3 / min(timings)
+
+
+def flops_per_token(model: torch.nn.Module, seq: int, training: bool = True) -> float:
+    """Training: 6 * matmul parameters (Linear layers, lm_head included) + 12 * layers * seq * attention
+    width (the PaLM formula); a forward pass alone is a third of that."""
+    cfg = model.config
+    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    if cfg.is_moe and cfg.n_routed_experts:  # only num_experts_per_tok of the routed experts run per token
+        matmul_params += experts * (cfg.num_experts_per_tok or 1) // cfg.n_routed_experts
+    attn_width = cfg.num_attention_heads * cfg.attn_head_dim
+    total = 6.0 * matmul_params + 12.0 * cfg.num_hidden_layers * seq * attn_width
+    return total if training else total / 3

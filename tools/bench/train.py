@@ -24,44 +24,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_summary, print_table  # noqa: E402
+from _common import flops_per_token, machine_summary, measured_peak_flops, print_table  # noqa: E402
 from deepseek_ce import Trainer, TrainingConfig  # noqa: E402
 from deepseek_core import ModelConfig, Transformer  # noqa: E402
 from deepseek_core.training import PackedTokens, lm_loss  # noqa: E402
-
-
-def measured_peak_flops(device: torch.device, dtype: torch.dtype, size: int) -> float:
-    """FLOP/s of a size x size matmul in `dtype`: the practical ceiling for this machine."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    repeats = 20 if device.type == "cuda" else 5
-    timings = []
-    for _ in range(3):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        timings.append((time.perf_counter() - start) / repeats)
-    return 2 * size**3 / min(timings)
-
-
-def flops_per_token(model: Transformer, seq: int) -> float:
-    """6 * matmul parameters (Linear layers, lm_head included) + 12 * layers * seq * attention width."""
-    cfg = model.config
-    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    if cfg.is_moe and cfg.n_routed_experts:  # only num_experts_per_tok of the routed experts run per token
-        matmul_params += experts * (cfg.num_experts_per_tok or 1) // cfg.n_routed_experts
-    attn_width = cfg.num_attention_heads * cfg.attn_head_dim
-    return 6.0 * matmul_params + 12.0 * cfg.num_hidden_layers * seq * attn_width
 
 
 def plain_loop(
