@@ -30,6 +30,9 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "int8_gemm.c"
+# Compiled into the same library: the float GEMV the engine uses for batch-1 decoding (engine/cpu_linear.py).
+GEMV_SOURCE = SOURCE.with_name("gemv.c")
+SOURCES = (SOURCE, GEMV_SOURCE)
 # -ffp-contract=off: no implicit FMA contraction, so the dynamic kernels round exactly like the torch path.
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11"]
 
@@ -68,13 +71,13 @@ def _build(compiler: str, target: Path) -> None:
     try:
         last_error = ""
         for extra in (["-fopenmp"], []):
-            cmd = [compiler, *_FLAGS, *extra, str(SOURCE), "-o", tmp]
+            cmd = [compiler, *_FLAGS, *extra, *(str(source) for source in SOURCES), "-o", tmp]
             result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             if result.returncode == 0:
                 os.replace(tmp, target)
                 return
             last_error = result.stderr.strip()[-2000:]
-        raise RuntimeError(f"{SOURCE}: compiling with {compiler} failed: {last_error}")
+        raise RuntimeError(f"{SOURCE.parent}: compiling with {compiler} failed: {last_error}")
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -93,7 +96,14 @@ def native_library() -> ctypes.CDLL | None:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
         key = hashlib.sha256(
             b"\0".join(
-                s.encode() for s in (SOURCE.read_text(), " ".join(_FLAGS), compiler, version, _cpu_flags())
+                s.encode()
+                for s in (
+                    *(p.read_text() for p in SOURCES),
+                    " ".join(_FLAGS),
+                    compiler,
+                    version,
+                    _cpu_flags(),
+                )
             )
         ).hexdigest()[:20]
         target = cache_dir() / f"int8_gemm-{platform.machine()}-{key}.so"
@@ -118,6 +128,11 @@ def native_library() -> ctypes.CDLL | None:
     # (x, x_stride, w, w_scale, bias, y, M, N, K, nthreads) -> 0 | -1
     lib.ds_int8_dyn_gemm.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.ds_int8_dyn_gemm.restype = ctypes.c_int
+    # (x, x_stride, w, bias, y, M, N, K, nthreads) -> 0 | -1 (unsupported shape or CPU)
+    for gemv in (lib.ds_gemv_f32, lib.ds_gemv_bf16):
+        gemv.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+        gemv.restype = ctypes.c_int
+    lib.ds_gemv_isa.restype = ctypes.c_int
     return lib
 
 
@@ -297,3 +312,47 @@ class WeightOnlyPlan:
             torch.get_num_threads(),
         )
         return out
+
+
+# Rows up to which the native GEMV beats oneDNN's prepacked linear (decode of a few sequences).
+GEMV_MAX_ROWS = 4
+
+
+@functools.lru_cache(maxsize=4)
+def gemv_supported(dtype: torch.dtype) -> bool:
+    """Whether the native float GEMV runs `dtype` (float32: AVX-512; bfloat16: AVX512-BF16) here."""
+    lib = native_library()
+    if lib is None:
+        return False
+    isa = lib.ds_gemv_isa()
+    return (dtype == torch.float32 and isa >= 1) or (dtype == torch.bfloat16 and isa >= 2)
+
+
+def float_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x [M, K] @ weight[N, K]^T (+ bias) in x's dtype (float32 or bfloat16, M <= GEMV_MAX_ROWS), or None
+    when the kernel does not take this shape (N % 4, K % 16 or 32): the caller then uses another path.
+
+    The caller checks gemv_supported(dtype), dtypes and devices. Hot path at decode: a few cheap checks.
+    """
+    lib = native_library()
+    assert lib is not None
+    fn = lib.ds_gemv_f32 if x.dtype == torch.float32 else lib.ds_gemv_bf16
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if not weight.is_contiguous():
+        return None
+    m, k = x.shape
+    n = weight.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype)
+    status = fn(
+        x.data_ptr(),
+        x.stride(0),
+        weight.data_ptr(),
+        bias.data_ptr() if bias is not None else None,
+        out.data_ptr(),
+        m,
+        n,
+        k,
+        torch.get_num_threads(),
+    )
+    return out if status == 0 else None

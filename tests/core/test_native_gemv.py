@@ -1,0 +1,65 @@
+"""The native float GEMV (quant/csrc/gemv.c) that batch-1 decoding uses on AVX-512 CPUs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from deepseek_core import ModelConfig, Transformer
+from deepseek_core.engine import LLM, SamplingParams
+from deepseek_core.quant import kernels
+
+from .hf_tiny import TINY_CONFIGS
+
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.07}  # bf16: one rounding of the output (relative 2^-8)
+
+
+def _needs(dtype: torch.dtype) -> None:
+    if not kernels.gemv_supported(dtype):
+        pytest.skip(f"no native {dtype} GEMV on this CPU")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_matches_f_linear(dtype: torch.dtype, rows: int) -> None:
+    _needs(dtype)
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(rows, 512), torch.randn(1028, 512) / 20, torch.randn(1028)
+    x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+    for b in (bias, None):
+        out = kernels.float_gemv(x, weight, b)
+        assert out is not None and out.dtype == dtype and out.shape == (rows, 1028)
+        expected = F.linear(x.float(), weight.float(), None if b is None else b.float())
+        rel = ((out.float() - expected).abs() / expected.abs().clamp_min(1.0)).max().item()
+        assert rel < TOLERANCE[dtype]
+    # A strided row view (x_stride != K) reads the right rows.
+    wide = torch.randn(rows, 1024).to(dtype)
+    out = kernels.float_gemv(wide[:, :512], weight, None)
+    assert out is not None
+    torch.testing.assert_close(out, kernels.float_gemv(wide[:, :512].contiguous(), weight, None))
+
+
+def test_unsupported_shapes_are_declined() -> None:
+    _needs(torch.float32)
+    assert kernels.float_gemv(torch.randn(1, 520), torch.randn(8, 520), None) is None  # K % 16
+    assert kernels.float_gemv(torch.randn(1, 512), torch.randn(6, 512), None) is None  # N % 4
+    assert kernels.float_gemv(torch.randn(1, 512), torch.randn(512, 8).t(), None) is None  # not contiguous
+
+
+def test_engine_decodes_through_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    _needs(torch.float32)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_dict(TINY_CONFIGS["llama_gqa"])).eval()
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    expected = LLM(model, cpu_prepack=False).generate([[3, 4, 5]], params)[0].token_ids
+    calls = []
+    original = kernels.float_gemv
+
+    def counting(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        out = original(x, weight, bias)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(kernels, "float_gemv", counting)
+    assert LLM(model).generate([[3, 4, 5]], params)[0].token_ids == expected
+    assert any(calls)  # decode steps (one row) went through the native kernel
