@@ -112,7 +112,6 @@ def test_a_flooding_tenant_does_not_starve_another(gateway: GatewayProcess, tmp_
         workdir.mkdir()
         p99_unloaded, p99_loaded = _measure(gateway, workdir)
         results.append((p99_unloaded, p99_loaded))
-        print(f"RATIO {p99_loaded / p99_unloaded:.2f} {p99_loaded * 1e3:.1f} {p99_unloaded * 1e3:.1f}")
         if p99_loaded <= 2 * p99_unloaded:
             return
     raise AssertionError(
