@@ -4,13 +4,15 @@ On CPU, torch's default F.linear is slow for the skinny matrices of decoding (a 
 weight): about 12 GB/s of weight reads in float32 on a 2-core EPYC whose memory reads 33 GB/s. oneDNN's
 linear over a weight reordered once into its blocked layout reads it about twice as fast, and is also
 faster for prefill-sized inputs (1.3x at 512 rows, 1.1x at 2048). For up to 4 rows a small native GEMV
-over the unpacked weight (quant/csrc/gemv.c, AVX-512) reads it 1.1-1.2x faster still. The engine keeps such packed copies of
-the model's `Linear` weights and routes those layers to them, only inside its own forward passes and only on
-its own thread (model/linear.py): the model itself is not modified. A weight changed in place (its version
-counter moves) or replaced is repacked before its next use.
+over the unpacked weight (quant/csrc/gemv.c, AVX-512) reads it 1.1-1.2x faster still. The engine keeps
+packed copies of the model's `Linear` weights and routes those layers to them, only inside its own forward
+passes and only on its own thread (model/linear.py): the model itself is not modified. A weight changed in
+place (its version counter moves) is repacked before its next packed use; a replaced one runs F.linear.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,15 +44,20 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_size=1)
 
 
+@dataclass
+class _Entry:
+    weight: torch.Tensor
+    version: int  # the weight's version counter when packed
+    packed: torch.Tensor
+    gemv: bool  # the native GEMV takes this weight (decided once: dtype, CPU support, shape)
+
+
 class PackedLinears:
     """Routes the model's `Linear` calls to oneDNN with prepacked weights while active (this thread only)."""
 
     def __init__(self, model: nn.Module) -> None:
-        # id(weight) -> (weight, version when packed, packed weight)
-        self._packed: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+        self._packed: dict[int, _Entry] = {}  # by id(weight)
         self._previous: list[LinearRouter | None] = []  # routers to restore, one per active `with`
-        # Decoding a few rows: the native GEMV over the unpacked weight (quant/csrc/gemv.c) where it builds.
-        self._gemv = {dtype: kernels.gemv_supported(dtype) for dtype in PACKABLE_DTYPES}
         for module in model.modules():
             weight = getattr(module, "weight", None)
             if (
@@ -59,7 +66,9 @@ class PackedLinears:
                 and weight.dtype in PACKABLE_DTYPES
                 and weight.device.type == "cpu"
             ):
-                self._packed[id(weight)] = (weight, weight._version, _pack(weight))
+                self._packed[id(weight)] = _Entry(
+                    weight, weight._version, _pack(weight), kernels.gemv_takes(weight)
+                )
 
     @property
     def num_packed(self) -> int:
@@ -69,31 +78,24 @@ class PackedLinears:
     @property
     def packed_bytes(self) -> int:
         """Bytes of the packed copies (about the size of the model's linear weights)."""
-        return sum(w.numel() * w.element_size() for w, _, _ in self._packed.values())
-
-    def _lookup(self, weight: torch.Tensor) -> torch.Tensor | None:
-        entry = self._packed.get(id(weight))
-        if entry is None or entry[0] is not weight:
-            return None
-        if entry[1] != weight._version:  # modified in place since packing
-            entry = (weight, weight._version, _pack(weight))
-            self._packed[id(weight)] = entry
-        return entry[2]
+        return sum(e.weight.numel() * e.weight.element_size() for e in self._packed.values())
 
     def linear(self, module: Linear, x: torch.Tensor) -> torch.Tensor:
         """The module's output: the native GEMV for a few rows, else its packed weight (for x's dtype)."""
         weight = module.weight
-        if x.dtype != weight.dtype:
+        entry = self._packed.get(id(weight))
+        if (
+            entry is None or entry.weight is not weight or x.dtype != weight.dtype
+        ):  # replaced, or another dtype
             return F.linear(x, weight, module.bias)
         rows = x.numel() // x.shape[-1]
-        if rows <= kernels.GEMV_MAX_ROWS and self._gemv.get(x.dtype, False) and id(weight) in self._packed:
-            out = kernels.float_gemv(x.reshape(rows, x.shape[-1]), weight, module.bias)
-            if out is not None:
-                return out.view(*x.shape[:-1], weight.shape[0])
-        packed = self._lookup(weight)
-        if packed is None:
-            return F.linear(x, weight, module.bias)
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, module.bias, "none", [], "")
+        if entry.gemv and rows <= kernels.GEMV_MAX_ROWS:  # reads the weight itself: nothing to repack
+            return kernels.float_gemv(x.reshape(rows, x.shape[-1]), weight, module.bias).view(
+                *x.shape[:-1], weight.shape[0]
+            )
+        if entry.version != weight._version:  # modified in place since packing
+            entry.version, entry.packed = weight._version, _pack(weight)
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), entry.packed, module.bias, "none", [], "")
 
     def __enter__(self) -> PackedLinears:
         self._previous.append(swap_linear_router(self.linear))

@@ -397,7 +397,7 @@ class ModelRunner:
         self.packed: PackedLinears | None = None  # oneDNN-prepacked linears (CPU), when enabled
 
     def enable_cpu_prepack(self) -> int:
-        """Route the model's float32/bfloat16 linears to prepacked oneDNN weights during engine passes; returns the count."""
+        """Route the model's float32/bfloat16 linears to packed weights during engine passes; returns the count."""
         self.packed = PackedLinears(self.model)
         return self.packed.num_packed
 

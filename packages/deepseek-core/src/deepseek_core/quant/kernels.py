@@ -319,8 +319,7 @@ GEMV_MAX_ROWS = 4
 
 
 @functools.lru_cache(maxsize=4)
-def gemv_supported(dtype: torch.dtype) -> bool:
-    """Whether the native float GEMV runs `dtype` (float32: AVX-512; bfloat16: AVX512-BF16) here."""
+def _gemv_isa_covers(dtype: torch.dtype) -> bool:
     lib = native_library()
     if lib is None:
         return False
@@ -328,19 +327,29 @@ def gemv_supported(dtype: torch.dtype) -> bool:
     return (dtype == torch.float32 and isa >= 1) or (dtype == torch.bfloat16 and isa >= 2)
 
 
-def float_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """x [M, K] @ weight[N, K]^T (+ bias) in x's dtype (float32 or bfloat16, M <= GEMV_MAX_ROWS), or None
-    when the kernel does not take this shape (N % 4, K % 16 or 32): the caller then uses another path.
+def gemv_takes(weight: torch.Tensor) -> bool:
+    """Whether float_gemv runs this [N, K] weight here: float32 (AVX-512) or bfloat16 (AVX512-BF16), on CPU,
+    contiguous, N % 4 == 0 and K a multiple of 64 bytes (gemv.c's shape rule)."""
+    return (
+        weight.dim() == 2
+        and weight.device.type == "cpu"
+        and weight.is_contiguous()
+        and weight.shape[0] % 4 == 0
+        and (weight.shape[1] * weight.element_size()) % 64 == 0
+        and _gemv_isa_covers(weight.dtype)
+    )
 
-    The caller checks gemv_supported(dtype), dtypes and devices. Hot path at decode: a few cheap checks.
+
+def float_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] @ weight[N, K]^T (+ bias) in x's dtype, for a weight gemv_takes() and M <= GEMV_MAX_ROWS.
+
+    Hot path at decode: the caller has checked the weight once and the dtypes; only x's layout is fixed here.
     """
     lib = native_library()
     assert lib is not None
     fn = lib.ds_gemv_f32 if x.dtype == torch.float32 else lib.ds_gemv_bf16
     if x.stride(-1) != 1:
         x = x.contiguous()
-    if not weight.is_contiguous():
-        return None
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty((m, n), dtype=x.dtype)
@@ -355,4 +364,6 @@ def float_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
         k,
         torch.get_num_threads(),
     )
-    return out if status == 0 else None
+    if status != 0:
+        raise ValueError(f"float_gemv: the native kernel refused a [{m}, {k}] x [{n}, {k}] {x.dtype} product")
+    return out
