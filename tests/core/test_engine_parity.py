@@ -40,17 +40,20 @@ def test_greedy_matches_transformers_generate(kind, engine_hf_checkpoint):
         assert len(set(ref)) > 3
 
 
-@pytest.mark.parametrize("backend", ["matmul", "sdpa", "per-sequence"])
+@pytest.mark.parametrize("backend", ["matmul", "sdpa", "per-sequence", "per-sequence-torch"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_cached_logprobs_equal_full_forward(kind, backend, engine_hf_checkpoint, monkeypatch):
     """Chunked prefill (8-token budget) + decode through the paged cache (MLA: absorbed decode) give the
     logprobs of a full forward pass over the whole sequence, for several sequences at once; with both decode
     attention backends (grouped matmuls: the CPU default; SDPA: the CUDA default), and with the CPU's
-    per-sequence decode (views of consecutive blocks; what long contexts use)."""
+    per-sequence decode (views of consecutive blocks, or gathered blocks; what long contexts and batch 1 use),
+    through the native kernel and through torch ops."""
     directory, _ = engine_hf_checkpoint(kind)
     llm = LLM(str(directory), max_num_seqs=3, max_num_batched_tokens=8, block_size=4)
-    if backend == "per-sequence":
+    if backend.startswith("per-sequence"):
         monkeypatch.setattr("deepseek_core.engine.runner._LOOP_MIN_BYTES", 0)
+        if backend == "per-sequence-torch":
+            llm.engine.runner.decode_backend = "matmul"
     else:
         monkeypatch.setattr("deepseek_core.engine.runner._LOOP_MIN_BYTES", 1 << 60)
         llm.engine.runner.decode_backend = backend

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.transformer import Transformer
+from ..quant import kernels
 from .cpu_linear import PackedLinears
 from .cuda_graphs import StaticDecode, StaticDecodeInputs
 from .kv_cache import KVCache
@@ -89,6 +90,9 @@ class PagedAttention:
         self.use_sdpa_decode = decode_backend == "sdpa" or (
             decode_backend == "auto" and cache.device.type == "cuda"
         )
+        # CPU per-sequence decode through the native kernel (quant/csrc/decode_attention.c) where it runs;
+        # "matmul" keeps the torch ops.
+        self.native_decode = decode_backend == "auto" and cache.device.type == "cpu"
         self.num_decode = 0
         self.slot_mapping = torch.empty(0, dtype=torch.long, device=cache.device)  # [T]: slots of new tokens
         # Decodes read the cache through one contiguous slot range (a view: one sequence whose blocks are
@@ -233,15 +237,31 @@ class PagedAttention:
         """
         assert self.decode_seqs is not None
         heads = q.shape[0]
+        dense = len(caches) == 2
+        value_dim = caches[1].shape[-1] if dense else value_width
+        assert value_dim is not None
+        if self.native_decode and kernels.decode_attention_takes(caches[0].dtype, q.shape[-1], value_dim):
+            if q.dtype != caches[0].dtype or q.stride(-1) != 1:
+                q = q.to(caches[0].dtype).contiguous()
+            out = torch.empty(heads, len(self.decode_seqs), value_dim, dtype=q.dtype, device=q.device)
+            for i, entry in enumerate(self.decode_seqs):
+                if dense:
+                    k = self._seq_keys("key", caches[0], entry, head_major=True)  # [KVH, L, D]
+                    v = self._seq_keys("value", caches[1], entry, head_major=True)
+                else:  # the latent rows as one kv head for all H heads
+                    k = self._seq_keys("latent", caches[0], entry, head_major=False).unsqueeze(0)
+                    v = k[..., :value_dim]
+                kernels.decode_attention(q[:, i], k, v, scale, out[:, i])
+            return out
         outs = []
         for i, entry in enumerate(self.decode_seqs):
-            if len(caches) == 2:
+            if dense:
                 k = self._seq_keys("key", caches[0], entry, head_major=True)  # [KVH, L, D]
                 v = self._seq_keys("value", caches[1], entry, head_major=True)
                 query = q[:, i].reshape(k.shape[0], heads // k.shape[0], q.shape[-1])  # [KVH, G, D]
             else:
                 rows = self._seq_keys("latent", caches[0], entry, head_major=False)  # [L, E]
-                k, v, query = rows, rows[:, :value_width], q[:, i]  # one latent "head" for all H heads
+                k, v, query = rows, rows[:, :value_dim], q[:, i]  # one latent "head" for all H heads
             scores = torch.matmul(query.float(), k.float().transpose(-1, -2)) * scale
             outs.append(torch.matmul(scores.softmax(dim=-1), v.float()).reshape(heads, -1))
         return torch.stack(outs, dim=1).to(q.dtype)
@@ -390,7 +410,8 @@ class ModelRunner:
         self.model = model
         self.cache = cache
         self.device = cache.device
-        # Decode attention: "sdpa" (CUDA default) or "matmul" (grouped matmuls, CPU default).
+        # Decode attention: "sdpa" (CUDA default) or "matmul" (grouped torch matmuls); "auto" on CPU is the
+        # grouped matmuls for batches of short contexts and the native kernel for per-sequence decodes.
         self.decode_backend = decode_backend
         self.static: StaticDecode | None = None  # fixed-shape decode steps (CUDA graphs), when enabled
         self.workspace = Workspace(self.device) if self.device.type == "cpu" else None

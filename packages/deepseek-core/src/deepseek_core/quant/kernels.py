@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "int8_gemm.c"
 # Compiled into the same library: the float GEMV the engine uses for batch-1 decoding (engine/cpu_linear.py).
 GEMV_SOURCE = SOURCE.with_name("gemv.c")
-SOURCES = (SOURCE, GEMV_SOURCE)
+# And the single-query attention of decode steps (engine/runner.py).
+ATTENTION_SOURCE = SOURCE.with_name("decode_attention.c")
+SOURCES = (SOURCE, GEMV_SOURCE, ATTENTION_SOURCE)
 # -ffp-contract=off: no implicit FMA contraction, so the dynamic kernels round exactly like the torch path.
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11"]
 
@@ -71,7 +73,7 @@ def _build(compiler: str, target: Path) -> None:
     try:
         last_error = ""
         for extra in (["-fopenmp"], []):
-            cmd = [compiler, *_FLAGS, *extra, *(str(source) for source in SOURCES), "-o", tmp]
+            cmd = [compiler, *_FLAGS, *extra, *(str(source) for source in SOURCES), "-o", tmp, "-lm"]
             result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             if result.returncode == 0:
                 os.replace(tmp, target)
@@ -133,6 +135,12 @@ def native_library() -> ctypes.CDLL | None:
         gemv.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
         gemv.restype = ctypes.c_int
     lib.ds_gemv_isa.restype = ctypes.c_int
+    # (q, q_head_stride, k, k_head_stride, k_row_stride, v, v_head_stride, v_row_stride, out,
+    #  out_head_stride, H, KVH, L, D, Dv, scale, nthreads) -> 0 | -1
+    for attn in (lib.ds_decode_attn_f32, lib.ds_decode_attn_bf16):
+        attn.argtypes = [ptr, i64, ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, i64, i64, i64, i64]
+        attn.argtypes += [ctypes.c_float, ctypes.c_int]
+        attn.restype = ctypes.c_int
     return lib
 
 
@@ -329,12 +337,11 @@ def _gemv_isa_covers(dtype: torch.dtype) -> bool:
 
 def gemv_takes(weight: torch.Tensor) -> bool:
     """Whether float_gemv runs this [N, K] weight here: float32 (AVX-512) or bfloat16 (AVX512-BF16), on CPU,
-    contiguous, N % 4 == 0 and K a multiple of 64 bytes (gemv.c's shape rule)."""
+    contiguous, with K a multiple of 64 bytes (gemv.c's shape rule)."""
     return (
         weight.dim() == 2
         and weight.device.type == "cpu"
         and weight.is_contiguous()
-        and weight.shape[0] % 4 == 0
         and (weight.shape[1] * weight.element_size()) % 64 == 0
         and _gemv_isa_covers(weight.dtype)
     )
@@ -367,3 +374,50 @@ def float_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     if status != 0:
         raise ValueError(f"float_gemv: the native kernel refused a [{m}, {k}] x [{n}, {k}] {x.dtype} product")
     return out
+
+
+def decode_attention_takes(dtype: torch.dtype, head_dim: int, value_dim: int) -> bool:
+    """Whether decode_attention runs here for these sizes: float32 or bfloat16, AVX-512 (decode_attention.c)."""
+    return (
+        dtype in (torch.float32, torch.bfloat16)
+        and head_dim % 16 == 0
+        and value_dim % 16 == 0
+        and value_dim <= 1024
+        and _gemv_isa_covers(torch.float32)  # AVX-512F, which the attention kernel needs too
+    )
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, out: torch.Tensor
+) -> None:
+    """Single-query attention of one sequence into `out` [H, Dv]: q [H, D], k [KVH, L, D], v [KVH, L, Dv].
+
+    All CPU tensors of one dtype that decode_attention_takes() accepts, last dimension contiguous (any head
+    and row strides); query head h reads kv head h // (H // KVH). Arithmetic in float32.
+    """
+    lib = native_library()
+    assert lib is not None
+    fn = lib.ds_decode_attn_f32 if q.dtype == torch.float32 else lib.ds_decode_attn_bf16
+    heads, head_dim = q.shape
+    kv_heads, length, _ = k.shape
+    status = fn(
+        q.data_ptr(),
+        q.stride(0),
+        k.data_ptr(),
+        k.stride(0),
+        k.stride(1),
+        v.data_ptr(),
+        v.stride(0),
+        v.stride(1),
+        out.data_ptr(),
+        out.stride(0),
+        heads,
+        kv_heads,
+        length,
+        head_dim,
+        v.shape[-1],
+        scale,
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise MemoryError(f"decode_attention: the native kernel failed for {heads} heads x {length} keys")
