@@ -14,6 +14,10 @@
  */
 #include <stdint.h>
 
+/* Weights smaller than this many elements are read by the calling thread alone: waking a second thread costs
+ * more than it saves, and on a busy machine it may not be scheduled soon. */
+#define DS_GEMV_PARALLEL_MIN (64 * 1024)
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define DS_GEMV_F32 1
@@ -59,7 +63,7 @@ int ds_gemv_f32(const float *x, int64_t x_stride, const float *w, const float *b
                 int64_t N, int64_t K, int nthreads) {
 #ifdef DS_GEMV_F32
     if (K % 16 != 0 || M < 1 || M > 4) return -1;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (N * K >= DS_GEMV_PARALLEL_MIN)
     for (int64_t n = 0; n < N; n++) {
         float s[4];
         row_f32(x, x_stride, M, w + n * K, K, s);
@@ -117,7 +121,7 @@ int ds_gemv_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w, const u
                  int64_t M, int64_t N, int64_t K, int nthreads) {
 #ifdef DS_GEMV_BF16
     if (K % 32 != 0 || M < 1 || M > 4) return -1;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (N * K >= DS_GEMV_PARALLEL_MIN)
     for (int64_t n = 0; n < N; n++) {
         float s[4];
         row_bf16(x, x_stride, M, w + n * K, K, s);
