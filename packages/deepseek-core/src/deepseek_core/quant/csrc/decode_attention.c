@@ -74,41 +74,14 @@ static inline __attribute__((always_inline)) void head_attention(
 static int attn_args_ok(int64_t H, int64_t KVH, int64_t L, int64_t D, int64_t Dv) {
     return KVH > 0 && H % KVH == 0 && L > 0 && D % 16 == 0 && Dv % 16 == 0 && Dv <= DS_ATTN_MAX_DV;
 }
-#endif
 
-int ds_decode_attn_f32(const float *q, int64_t q_head_stride, const float *k, int64_t k_head_stride,
-                       int64_t k_row_stride, const float *v, int64_t v_head_stride, int64_t v_row_stride,
-                       float *out, int64_t out_head_stride, int64_t H, int64_t KVH, int64_t L, int64_t D,
-                       int64_t Dv, float scale, int nthreads) {
-#ifdef DS_ATTN
+/* Every head, split across threads; `bf16` (a constant at each call) picks the element type. */
+static inline __attribute__((always_inline)) int all_heads(
+    const void *q, int64_t q_head_stride, const void *k, int64_t k_head_stride, int64_t k_row_stride,
+    const void *v, int64_t v_head_stride, int64_t v_row_stride, void *out, int64_t out_head_stride, int64_t H,
+    int64_t KVH, int64_t L, int64_t D, int64_t Dv, float scale, int nthreads, const int bf16) {
     if (!attn_args_ok(H, KVH, L, D, Dv)) return -1;
-    int64_t group = H / KVH;
-    int failed = 0;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (H * L * (D + Dv) > 65536)
-    for (int64_t h = 0; h < H; h++) {
-        float *scores = malloc((size_t)L * sizeof(float));
-        if (!scores) { failed = 1; continue; }
-        int64_t g = h / group;
-        head_attention(q + h * q_head_stride, k + g * k_head_stride, k_row_stride, v + g * v_head_stride,
-                       v_row_stride, L, D, Dv, scale, scores, out + h * out_head_stride, 0);
-        free(scores);
-    }
-    return failed ? -1 : 0;
-#else
-    (void)q; (void)q_head_stride; (void)k; (void)k_head_stride; (void)k_row_stride; (void)v;
-    (void)v_head_stride; (void)v_row_stride; (void)out; (void)out_head_stride; (void)H; (void)KVH; (void)L;
-    (void)D; (void)Dv; (void)scale; (void)nthreads;
-    return -1;
-#endif
-}
-
-int ds_decode_attn_bf16(const uint16_t *q, int64_t q_head_stride, const uint16_t *k, int64_t k_head_stride,
-                        int64_t k_row_stride, const uint16_t *v, int64_t v_head_stride, int64_t v_row_stride,
-                        uint16_t *out, int64_t out_head_stride, int64_t H, int64_t KVH, int64_t L, int64_t D,
-                        int64_t Dv, float scale, int nthreads) {
-#ifdef DS_ATTN
-    if (!attn_args_ok(H, KVH, L, D, Dv)) return -1;
-    int64_t group = H / KVH;
+    const int64_t size = bf16 ? 2 : 4, group = H / KVH;
     int failed = 0;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (H * L * (D + Dv) > 65536)
     for (int64_t h = 0; h < H; h++) {
@@ -116,16 +89,37 @@ int ds_decode_attn_bf16(const uint16_t *q, int64_t q_head_stride, const uint16_t
         if (!scores) { failed = 1; continue; }
         float row[DS_ATTN_MAX_DV];
         int64_t g = h / group;
-        head_attention(q + h * q_head_stride, k + g * k_head_stride, k_row_stride, v + g * v_head_stride,
-                       v_row_stride, L, D, Dv, scale, scores, row, 1);
-        for (int64_t j = 0; j < Dv; j++) out[h * out_head_stride + j] = round_bf16(row[j]);
+        head_attention((const char *)q + h * q_head_stride * size, (const char *)k + g * k_head_stride * size,
+                       k_row_stride, (const char *)v + g * v_head_stride * size, v_row_stride, L, D, Dv, scale,
+                       scores, row, bf16);
+        for (int64_t j = 0; j < Dv; j++) {
+            if (bf16) ((uint16_t *)out)[h * out_head_stride + j] = round_bf16(row[j]);
+            else ((float *)out)[h * out_head_stride + j] = row[j];
+        }
         free(scores);
     }
     return failed ? -1 : 0;
+}
+#define DS_ALL_HEADS(BF16) \
+    all_heads(q, q_head_stride, k, k_head_stride, k_row_stride, v, v_head_stride, v_row_stride, out, \
+              out_head_stride, H, KVH, L, D, Dv, scale, nthreads, BF16)
 #else
-    (void)q; (void)q_head_stride; (void)k; (void)k_head_stride; (void)k_row_stride; (void)v;
-    (void)v_head_stride; (void)v_row_stride; (void)out; (void)out_head_stride; (void)H; (void)KVH; (void)L;
-    (void)D; (void)Dv; (void)scale; (void)nthreads;
-    return -1;
+#define DS_ALL_HEADS(BF16)                                                                                \
+    ((void)q, (void)q_head_stride, (void)k, (void)k_head_stride, (void)k_row_stride, (void)v,           \
+     (void)v_head_stride, (void)v_row_stride, (void)out, (void)out_head_stride, (void)H, (void)KVH, (void)L, \
+     (void)D, (void)Dv, (void)scale, (void)nthreads, -1)
 #endif
+
+int ds_decode_attn_f32(const float *q, int64_t q_head_stride, const float *k, int64_t k_head_stride,
+                       int64_t k_row_stride, const float *v, int64_t v_head_stride, int64_t v_row_stride,
+                       float *out, int64_t out_head_stride, int64_t H, int64_t KVH, int64_t L, int64_t D,
+                       int64_t Dv, float scale, int nthreads) {
+    return DS_ALL_HEADS(0);
+}
+
+int ds_decode_attn_bf16(const uint16_t *q, int64_t q_head_stride, const uint16_t *k, int64_t k_head_stride,
+                        int64_t k_row_stride, const uint16_t *v, int64_t v_head_stride, int64_t v_row_stride,
+                        uint16_t *out, int64_t out_head_stride, int64_t H, int64_t KVH, int64_t L, int64_t D,
+                        int64_t Dv, float scale, int nthreads) {
+    return DS_ALL_HEADS(1);
 }
