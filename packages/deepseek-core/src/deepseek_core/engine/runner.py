@@ -241,7 +241,8 @@ class PagedAttention:
         value_dim = caches[1].shape[-1] if dense else value_width
         assert value_dim is not None
         if self.native_decode and kernels.decode_attention_takes(caches[0].dtype, q.shape[-1], value_dim):
-            if q.dtype != caches[0].dtype or q.stride(-1) != 1:
+            query_dtype = q.dtype
+            if q.dtype != caches[0].dtype or q.stride(-1) != 1:  # the kernel reads one dtype, rows contiguous
                 q = q.to(caches[0].dtype).contiguous()
             out = torch.empty(heads, len(self.decode_seqs), value_dim, dtype=q.dtype, device=q.device)
             for i, entry in enumerate(self.decode_seqs):
@@ -252,7 +253,7 @@ class PagedAttention:
                     k = self._seq_keys("latent", caches[0], entry, head_major=False).unsqueeze(0)
                     v = k[..., :value_dim]
                 kernels.decode_attention(q[:, i], k, v, scale, out[:, i])
-            return out
+            return out.to(query_dtype)
         outs = []
         for i, entry in enumerate(self.decode_seqs):
             if dense:
