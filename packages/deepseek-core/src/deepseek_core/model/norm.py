@@ -1,9 +1,22 @@
-"""RMSNorm, computed in float32 like the reference implementations."""
+"""RMSNorm, computed in float32 like the reference implementations.
+
+Like the model's `Linear` (model/linear.py), an inference engine may reroute RMSNorm calls on its own thread
+to a faster kernel that computes the same thing (engine/cpu_norm.py); everywhere else this module's torch ops
+run.
+"""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+# (module, input) -> output, or None to fall back to the torch ops.
+NormRouter = Callable[["RMSNorm", torch.Tensor], "torch.Tensor | None"]
+
+_local = threading.local()
 
 
 class RMSNorm(nn.Module):
@@ -15,8 +28,21 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        router: NormRouter | None = getattr(_local, "router", None)
+        if router is not None:
+            routed = router(self, hidden_states)
+            if routed is not None:
+                return routed
         input_dtype = hidden_states.dtype
         hidden_float = hidden_states.float()
         variance = hidden_float.pow(2).mean(-1, keepdim=True)
         normed = hidden_float * torch.rsqrt(variance + self.eps)
         return self.weight * normed.to(input_dtype)
+
+
+def swap_norm_router(router: NormRouter | None) -> NormRouter | None:
+    """Send every `RMSNorm` call on this thread to `router(module, input)` first (None: the torch ops only);
+    returns the previous router, to be put back when done."""
+    previous: NormRouter | None = getattr(_local, "router", None)
+    _local.router = router
+    return previous

@@ -34,7 +34,9 @@ SOURCE = Path(__file__).with_name("csrc") / "int8_gemm.c"
 GEMV_SOURCE = SOURCE.with_name("gemv.c")
 # And the single-query attention of decode steps (engine/runner.py).
 ATTENTION_SOURCE = SOURCE.with_name("decode_attention.c")
-SOURCES = (SOURCE, GEMV_SOURCE, ATTENTION_SOURCE)
+# And the RMSNorm of decode rows (engine/cpu_norm.py).
+NORM_SOURCE = SOURCE.with_name("rms_norm.c")
+SOURCES = (SOURCE, GEMV_SOURCE, ATTENTION_SOURCE, NORM_SOURCE)
 # -ffp-contract=off: no implicit FMA contraction, so the dynamic kernels round exactly like the torch path.
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11"]
 
@@ -141,6 +143,10 @@ def native_library() -> ctypes.CDLL | None:
         attn.argtypes = [ptr, i64, ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, i64, i64, i64, i64]
         attn.argtypes += [ctypes.c_float, ctypes.c_int]
         attn.restype = ctypes.c_int
+    # (x, x_stride, w, out, M, D, eps) -> 0 | -1
+    for norm in (lib.ds_rms_norm_f32, lib.ds_rms_norm_bf16):
+        norm.argtypes = [ptr, i64, ptr, ptr, i64, i64, ctypes.c_float]
+        norm.restype = ctypes.c_int
     return lib
 
 
@@ -421,3 +427,23 @@ def decode_attention(
     )
     if status != 0:
         raise MemoryError(f"decode_attention: the native kernel failed for {heads} heads x {length} keys")
+
+
+def rms_norm_takes(dtype: torch.dtype, dim: int) -> bool:
+    """Whether rms_norm runs here: float32 or bfloat16 rows of a multiple of 16, AVX-512 (rms_norm.c)."""
+    return dtype in (torch.float32, torch.bfloat16) and dim % 16 == 0 and _gemv_isa_covers(torch.float32)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The model's RMSNorm (model/norm.py) of x [M, D] with a weight of x's dtype, for rms_norm_takes()."""
+    lib = native_library()
+    assert lib is not None
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype)
+    fn = lib.ds_rms_norm_f32 if x.dtype == torch.float32 else lib.ds_rms_norm_bf16
+    if fn(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps) != 0:
+        raise ValueError(
+            f"rms_norm: the native kernel refused a [{x.shape[0]}, {x.shape[1]}] {x.dtype} input"
+        )
+    return out

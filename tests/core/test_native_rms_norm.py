@@ -1,0 +1,71 @@
+"""The native RMSNorm (quant/csrc/rms_norm.c) that the engine runs for decode rows on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from deepseek_core.engine import LLM, SamplingParams
+from deepseek_core.model.norm import RMSNorm
+from deepseek_core.quant import kernels
+
+from .hf_tiny import save_hf_model
+
+
+def _needs() -> None:
+    if not kernels.rms_norm_takes(torch.float32, 64):
+        pytest.skip("no native RMSNorm on this CPU")
+
+
+def _norm(dtype: torch.dtype, dim: int = 768) -> RMSNorm:
+    torch.manual_seed(0)
+    norm = RMSNorm(dim, 1e-6)
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(dim) * 0.2)
+    return norm.to(dtype)
+
+
+def test_bfloat16_is_bit_identical_to_the_module() -> None:
+    """Same float32 arithmetic and the same two roundings to bfloat16 as model/norm.py."""
+    _needs()
+    norm = _norm(torch.bfloat16)
+    x = (torch.randn(4, 2, 768) * 3).to(torch.bfloat16)[:, 1]  # strided rows
+    assert torch.equal(kernels.rms_norm(x, norm.weight, norm.eps), norm(x))
+
+
+def test_float32_matches_the_module_to_rounding() -> None:
+    _needs()
+    norm = _norm(torch.float32)
+    x = torch.randn(3, 768) * 3
+    torch.testing.assert_close(kernels.rms_norm(x, norm.weight, norm.eps), norm(x), rtol=2e-6, atol=1e-6)
+
+
+def test_declines_what_it_cannot_run() -> None:
+    _needs()
+    assert not kernels.rms_norm_takes(torch.float16, 768)
+    assert not kernels.rms_norm_takes(torch.float32, 72)  # not a multiple of 16
+    with pytest.raises(ValueError, match="refused a \\[1, 72\\]"):
+        kernels.rms_norm(torch.randn(1, 72), torch.ones(72), 1e-6)
+
+
+def test_engine_decodes_through_it_only_on_its_thread(tmp_path, monkeypatch) -> None:
+    """A batch-1 decode runs the kernel and gives the tokens and logprobs of the torch ops; the same model
+    called directly afterwards (outside an engine pass) runs the torch ops."""
+    _needs()
+    save_hf_model("llama_gqa", tmp_path)
+    calls = []
+    native = kernels.rms_norm
+    monkeypatch.setattr(kernels, "rms_norm", lambda *a: calls.append(1) or native(*a))
+    llm = LLM(str(tmp_path), max_num_seqs=1)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=1)
+    ours = llm.generate([list(range(3, 20))], params)[0]
+    assert calls, "the native RMSNorm did not run"
+    llm.engine.runner.native_norms = None
+    calls.clear()
+    torch_ops = llm.generate([list(range(3, 20))], params)[0]
+    assert not calls
+    assert ours.token_ids == torch_ops.token_ids and len(set(ours.token_ids)) > 3
+    for a, b in zip(ours.logprobs, torch_ops.logprobs):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+    with torch.no_grad():
+        llm.model(torch.tensor([[3, 4, 5]]))
+    assert not calls
