@@ -28,52 +28,45 @@ static inline __m512 norm_round_bf16(__m512 v) {
     rounded = _mm512_mask_or_epi32(rounded, nan, u, _mm512_set1_epi32(0x00400000));
     return _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32((int)0xffff0000u)));
 }
-#endif
-
-int ds_rms_norm_f32(const float *x, int64_t x_stride, const float *w, float *out, int64_t M, int64_t D, float eps) {
-#ifdef DS_NORM
+/* Every row; `bf16` (a constant at each call) picks the element type. */
+static inline __attribute__((always_inline)) int norm_rows(const void *x, int64_t x_stride, const void *w, void *out,
+                                                           int64_t M, int64_t D, float eps, const int bf16) {
+#define DS_NORM_LOAD(base, i) \
+    (bf16 ? norm_load_bf16((const uint16_t *)(base) + (i)) : _mm512_loadu_ps((const float *)(base) + (i)))
     if (D % 16 != 0) return -1;
     for (int64_t m = 0; m < M; m++) {
-        const float *xr = x + m * x_stride;
+        int64_t row = m * x_stride;
         __m512 acc = _mm512_setzero_ps();
         for (int64_t d = 0; d < D; d += 16) {
-            __m512 v = _mm512_loadu_ps(xr + d);
+            __m512 v = DS_NORM_LOAD(x, row + d);
             acc = _mm512_fmadd_ps(v, v, acc);
         }
         __m512 r = _mm512_set1_ps(1.f / sqrtf(_mm512_reduce_add_ps(acc) / (float)D + eps));
-        for (int64_t d = 0; d < D; d += 16)
-            _mm512_storeu_ps(out + m * D + d,
-                             _mm512_mul_ps(_mm512_loadu_ps(w + d), _mm512_mul_ps(_mm512_loadu_ps(xr + d), r)));
+        for (int64_t d = 0; d < D; d += 16) {
+            __m512 normed = _mm512_mul_ps(DS_NORM_LOAD(x, row + d), r);
+            if (bf16) {
+                __m512 y = norm_round_bf16(_mm512_mul_ps(DS_NORM_LOAD(w, d), norm_round_bf16(normed)));
+                /* the upper halves of the rounded float32 lanes are the bfloat16 values */
+                _mm256_storeu_si256((__m256i *)((uint16_t *)out + m * D + d),
+                                    _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(y), 16)));
+            } else {
+                _mm512_storeu_ps((float *)out + m * D + d, _mm512_mul_ps(DS_NORM_LOAD(w, d), normed));
+            }
+        }
     }
     return 0;
+#undef DS_NORM_LOAD
+}
+#define DS_NORM_ROWS(BF16) norm_rows(x, x_stride, w, out, M, D, eps, BF16)
 #else
-    (void)x; (void)x_stride; (void)w; (void)out; (void)M; (void)D; (void)eps;
-    return -1;
+#define DS_NORM_ROWS(BF16) ((void)x, (void)x_stride, (void)w, (void)out, (void)M, (void)D, (void)eps, -1)
 #endif
+
+int ds_rms_norm_f32(const float *x, int64_t x_stride, const float *w, float *out, int64_t M, int64_t D, float eps) {
+    return DS_NORM_ROWS(0);
 }
 
 int ds_rms_norm_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w, uint16_t *out, int64_t M, int64_t D,
                      float eps) {
-#ifdef DS_NORM
-    if (D % 16 != 0) return -1;
-    for (int64_t m = 0; m < M; m++) {
-        const uint16_t *xr = x + m * x_stride;
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t d = 0; d < D; d += 16) {
-            __m512 v = norm_load_bf16(xr + d);
-            acc = _mm512_fmadd_ps(v, v, acc);
-        }
-        __m512 r = _mm512_set1_ps(1.f / sqrtf(_mm512_reduce_add_ps(acc) / (float)D + eps));
-        for (int64_t d = 0; d < D; d += 16) {
-            __m512 normed = norm_round_bf16(_mm512_mul_ps(norm_load_bf16(xr + d), r));
-            __m512 y = norm_round_bf16(_mm512_mul_ps(norm_load_bf16(w + d), normed));
-            /* the upper halves of the rounded float32 lanes are the bfloat16 values */
-            _mm256_storeu_si256((__m256i *)(out + m * D + d), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(y), 16)));
-        }
-    }
-    return 0;
-#else
-    (void)x; (void)x_stride; (void)w; (void)out; (void)M; (void)D; (void)eps;
-    return -1;
-#endif
+    return DS_NORM_ROWS(1);
 }
