@@ -241,29 +241,27 @@ class PagedAttention:
         dense = len(caches) == 2
         value_dim = caches[1].shape[-1] if dense else value_width
         assert value_dim is not None
+
+        def keys_values(entry: tuple[int, torch.Tensor | None, int]) -> tuple[torch.Tensor, torch.Tensor]:
+            """[KVH, L, D] keys and [KVH, L, Dv] values; MLA: its latent rows as one kv head for all H heads."""
+            if dense:
+                k = self._seq_keys("key", caches[0], entry, head_major=True)
+                return k, self._seq_keys("value", caches[1], entry, head_major=True)
+            rows = self._seq_keys("latent", caches[0], entry, head_major=False).unsqueeze(0)
+            return rows, rows[..., :value_dim]
+
         if self.native_decode and kernels.decode_attention_takes(caches[0].dtype, q.shape[-1], value_dim):
             query_dtype = q.dtype
             if q.dtype != caches[0].dtype or q.stride(-1) != 1:  # the kernel reads one dtype, rows contiguous
                 q = q.to(caches[0].dtype).contiguous()
             out = torch.empty(heads, len(self.decode_seqs), value_dim, dtype=q.dtype, device=q.device)
             for i, entry in enumerate(self.decode_seqs):
-                if dense:
-                    k = self._seq_keys("key", caches[0], entry, head_major=True)  # [KVH, L, D]
-                    v = self._seq_keys("value", caches[1], entry, head_major=True)
-                else:  # the latent rows as one kv head for all H heads
-                    k = self._seq_keys("latent", caches[0], entry, head_major=False).unsqueeze(0)
-                    v = k[..., :value_dim]
-                kernels.decode_attention(q[:, i], k, v, scale, out[:, i])
+                kernels.decode_attention(q[:, i], *keys_values(entry), scale, out[:, i])
             return out.to(query_dtype)
         outs = []
         for i, entry in enumerate(self.decode_seqs):
-            if dense:
-                k = self._seq_keys("key", caches[0], entry, head_major=True)  # [KVH, L, D]
-                v = self._seq_keys("value", caches[1], entry, head_major=True)
-                query = q[:, i].reshape(k.shape[0], heads // k.shape[0], q.shape[-1])  # [KVH, G, D]
-            else:
-                rows = self._seq_keys("latent", caches[0], entry, head_major=False)  # [L, E]
-                k, v, query = rows, rows[:, :value_dim], q[:, i]  # one latent "head" for all H heads
+            k, v = keys_values(entry)
+            query = q[:, i].reshape(k.shape[0], heads // k.shape[0], q.shape[-1])  # [KVH, G, D]
             scores = torch.matmul(query.float(), k.float().transpose(-1, -2)) * scale
             outs.append(torch.matmul(scores.softmax(dim=-1), v.float()).reshape(heads, -1))
         return torch.stack(outs, dim=1).to(q.dtype)
@@ -417,8 +415,11 @@ class ModelRunner:
         self.decode_backend = decode_backend
         self.static: StaticDecode | None = None  # fixed-shape decode steps (CUDA graphs), when enabled
         self.workspace = Workspace(self.device) if self.device.type == "cpu" else None
-        # Decode-sized RMSNorms through the native kernel (CPU, where it runs; None: the torch ops).
-        self.native_norms = NativeNorms() if self.device.type == "cpu" else None
+        # Decode-sized RMSNorms through the native kernel (CPU with AVX-512; None: the torch ops, with no
+        # router call per norm).
+        self.native_norms = (
+            NativeNorms() if self.device.type == "cpu" and kernels.avx512_available() else None
+        )
         self.packed: PackedLinears | None = None  # oneDNN-prepacked linears (CPU), when enabled
 
     def enable_cpu_prepack(self) -> int:

@@ -37,6 +37,8 @@ ATTENTION_SOURCE = SOURCE.with_name("decode_attention.c")
 # And the RMSNorm of decode rows (engine/cpu_norm.py).
 NORM_SOURCE = SOURCE.with_name("rms_norm.c")
 SOURCES = (SOURCE, GEMV_SOURCE, ATTENTION_SOURCE, NORM_SOURCE)
+# Included by the float kernels (bfloat16 conversions); part of the cache key like the sources.
+HEADERS = (SOURCE.with_name("bf16.h"),)
 # -ffp-contract=off: no implicit FMA contraction, so the dynamic kernels round exactly like the torch path.
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11"]
 
@@ -102,7 +104,7 @@ def native_library() -> ctypes.CDLL | None:
             b"\0".join(
                 s.encode()
                 for s in (
-                    *(p.read_text() for p in SOURCES),
+                    *(p.read_text() for p in (*SOURCES, *HEADERS)),
                     " ".join(_FLAGS),
                     compiler,
                     version,
@@ -341,6 +343,11 @@ def _gemv_isa_covers(dtype: torch.dtype) -> bool:
     return (dtype == torch.float32 and isa >= 1) or (dtype == torch.bfloat16 and isa >= 2)
 
 
+def avx512_available() -> bool:
+    """Whether the native float kernels run on this CPU (AVX-512F; bfloat16 GEMV also needs AVX512-BF16)."""
+    return _gemv_isa_covers(torch.float32)
+
+
 def gemv_takes(weight: torch.Tensor) -> bool:
     """Whether float_gemv runs this [N, K] weight here: float32 (AVX-512) or bfloat16 (AVX512-BF16), on CPU,
     contiguous, with K a multiple of 64 bytes (gemv.c's shape rule)."""
@@ -389,7 +396,7 @@ def decode_attention_takes(dtype: torch.dtype, head_dim: int, value_dim: int) ->
         and head_dim % 16 == 0
         and value_dim % 16 == 0
         and value_dim <= 1024
-        and _gemv_isa_covers(torch.float32)  # AVX-512F, which the attention kernel needs too
+        and avx512_available()
     )
 
 
@@ -431,7 +438,7 @@ def decode_attention(
 
 def rms_norm_takes(dtype: torch.dtype, dim: int) -> bool:
     """Whether rms_norm runs here: float32 or bfloat16 rows of a multiple of 16, AVX-512 (rms_norm.c)."""
-    return dtype in (torch.float32, torch.bfloat16) and dim % 16 == 0 and _gemv_isa_covers(torch.float32)
+    return dtype in (torch.float32, torch.bfloat16) and dim % 16 == 0 and avx512_available()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -17,6 +17,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "bf16.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define DS_ATTN 1
@@ -25,28 +27,13 @@
 #ifdef DS_ATTN
 #define DS_ATTN_MAX_DV 1024
 
-static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
-
-static inline __m512 load16_bf16(const uint16_t *p) {
-    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
-static inline uint16_t round_bf16(float f) { /* nearest even, as torch rounds; NaN stays NaN */
-    uint32_t u;
-    __builtin_memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
 /* One query head into `result` [Dv] (float32): scores into `scores` [L], softmax, weighted sum of values.
  * Inlined with a constant `bf16`, so each dtype gets its own loop. */
 static inline __attribute__((always_inline)) void head_attention(
     const void *q, const void *k, int64_t k_row_stride, const void *v, int64_t v_row_stride, int64_t L,
     int64_t D, int64_t Dv, float scale, float *scores, float *result, const int bf16) {
 #define DS_LOAD(base, off) \
-    (bf16 ? load16_bf16((const uint16_t *)(base) + (off)) : load16_f32((const float *)(base) + (off)))
+    (bf16 ? ds_load16_bf16((const uint16_t *)(base) + (off)) : _mm512_loadu_ps((const float *)(base) + (off)))
     float best = -INFINITY;
     for (int64_t l = 0; l < L; l++) {
         __m512 dot = _mm512_setzero_ps();
@@ -93,7 +80,7 @@ static inline __attribute__((always_inline)) int all_heads(
                        k_row_stride, (const char *)v + g * v_head_stride * size, v_row_stride, L, D, Dv, scale,
                        scores, row, bf16);
         for (int64_t j = 0; j < Dv; j++) {
-            if (bf16) ((uint16_t *)out)[h * out_head_stride + j] = round_bf16(row[j]);
+            if (bf16) ((uint16_t *)out)[h * out_head_stride + j] = ds_f32_to_bf16(row[j]);
             else ((float *)out)[h * out_head_stride + j] = row[j];
         }
         free(scores);

@@ -14,6 +14,8 @@
  */
 #include <stdint.h>
 
+#include "bf16.h"
+
 /* Weights smaller than this many elements are read by the calling thread alone: waking a second thread costs
  * more than it saves, and on a busy machine it may not be scheduled soon. */
 #define DS_GEMV_PARALLEL_MIN (64 * 1024)
@@ -77,21 +79,6 @@ int ds_gemv_f32(const float *x, int64_t x_stride, const float *w, const float *b
 }
 
 #ifdef DS_GEMV_BF16
-static inline float bf16_to_f32(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    __builtin_memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does (inputs are finite) */
-    uint32_t u;
-    __builtin_memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
 #define DS_LOAD_BF16(p) ((__m512bh)_mm512_loadu_si512((const void *)(p)))
 
 /* out[m] = x[m] . w for one weight row (K % 32 == 0), in float32. */
@@ -125,7 +112,7 @@ int ds_gemv_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w, const u
     for (int64_t n = 0; n < N; n++) {
         float s[4];
         row_bf16(x, x_stride, M, w + n * K, K, s);
-        for (int64_t m = 0; m < M; m++) y[m * N + n] = f32_to_bf16(s[m] + (bias ? bf16_to_f32(bias[n]) : 0.f));
+        for (int64_t m = 0; m < M; m++) y[m * N + n] = ds_f32_to_bf16(s[m] + (bias ? ds_bf16_to_f32(bias[n]) : 0.f));
     }
     return 0;
 #else

@@ -11,28 +11,17 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "bf16.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define DS_NORM 1
 
-static inline __m512 norm_load_bf16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
-/* Round to bfloat16 (nearest even; NaN stays NaN) and back to float32, 16 lanes. */
-static inline __m512 norm_round_bf16(__m512 v) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
-    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    rounded = _mm512_mask_or_epi32(rounded, nan, u, _mm512_set1_epi32(0x00400000));
-    return _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32((int)0xffff0000u)));
-}
 /* Every row; `bf16` (a constant at each call) picks the element type. */
 static inline __attribute__((always_inline)) int norm_rows(const void *x, int64_t x_stride, const void *w, void *out,
                                                            int64_t M, int64_t D, float eps, const int bf16) {
 #define DS_NORM_LOAD(base, i) \
-    (bf16 ? norm_load_bf16((const uint16_t *)(base) + (i)) : _mm512_loadu_ps((const float *)(base) + (i)))
+    (bf16 ? ds_load16_bf16((const uint16_t *)(base) + (i)) : _mm512_loadu_ps((const float *)(base) + (i)))
     if (D % 16 != 0) return -1;
     for (int64_t m = 0; m < M; m++) {
         int64_t row = m * x_stride;
@@ -45,7 +34,7 @@ static inline __attribute__((always_inline)) int norm_rows(const void *x, int64_
         for (int64_t d = 0; d < D; d += 16) {
             __m512 normed = _mm512_mul_ps(DS_NORM_LOAD(x, row + d), r);
             if (bf16) {
-                __m512 y = norm_round_bf16(_mm512_mul_ps(DS_NORM_LOAD(w, d), norm_round_bf16(normed)));
+                __m512 y = ds_round16_bf16(_mm512_mul_ps(DS_NORM_LOAD(w, d), ds_round16_bf16(normed)));
                 /* the upper halves of the rounded float32 lanes are the bfloat16 values */
                 _mm256_storeu_si256((__m256i *)((uint16_t *)out + m * D + d),
                                     _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(y), 16)));
