@@ -67,3 +67,49 @@ def test_engine_decodes_through_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernels, "float_gemv", counting)
     assert LLM(model).generate([[3, 4, 5]], params)[0].token_ids == expected
     assert 1 in calls  # decode steps (one row) went through the native kernel
+
+
+def _routed_experts(dtype: torch.dtype) -> torch.nn.Module:
+    from deepseek_core.model.moe import RoutedExperts
+
+    torch.manual_seed(0)
+    experts = RoutedExperts(num_experts=8, hidden_size=128, intermediate_size=96)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(std=0.05)
+        experts.down_proj.normal_(std=0.05)
+    return experts.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_decode_streams_experts_through_it(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode-sized MoE call (a few rows per expert) runs each expert through the GEMV, in chunks of at most 4
+    rows, with the grouped matmul's result; anything larger, or anything that needs gradients, does not."""
+    from deepseek_core.model import moe
+
+    _needs(dtype)
+    experts = _routed_experts(dtype)
+    tokens = 5
+    hidden = torch.randn(tokens, 128).to(dtype)
+    # Expert 3 gets every token (5 rows: two GEMV chunks), expert 6 two of them, the rest nothing.
+    expert_ids = torch.tensor([[3, 6], [3, 0], [3, 6], [3, 1], [3, 0]])
+    weights = torch.rand(tokens, 2)
+    calls: list[int] = []
+    real_gemv = kernels.float_gemv
+    monkeypatch.setattr(kernels, "float_gemv", lambda x, w, b: calls.append(x.shape[0]) or real_gemv(x, w, b))
+
+    with torch.inference_mode():
+        streamed = experts(hidden, weights, expert_ids)
+    assert calls and max(calls) <= kernels.GEMV_MAX_ROWS and sum(calls) == 2 * tokens * 2  # gate_up + down
+    calls.clear()
+    monkeypatch.setattr(moe, "_GEMV_ROWS_PER_EXPERT", 0)  # the grouped-matmul path, as reference
+    with torch.inference_mode():
+        grouped = experts(hidden, weights, expert_ids)
+    assert calls == []
+    rel = ((streamed.float() - grouped.float()).abs() / grouped.float().abs().clamp_min(1.0)).max().item()
+    assert rel < TOLERANCE[dtype]
+
+    # Training (gradients wanted) takes the autograd-capable path, and gets gradients.
+    monkeypatch.setattr(moe, "_GEMV_ROWS_PER_EXPERT", 6)
+    experts.float()
+    experts(hidden.float(), weights, expert_ids).sum().backward()
+    assert calls == [] and experts.gate_up_proj.grad is not None and experts.gate_up_proj.grad.abs().sum() > 0

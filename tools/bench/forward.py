@@ -7,7 +7,9 @@
 2. A DeepSeek-V2-Lite-shaped MoE layer (scaled down), against transformers' DeepseekV2 MoE block, with its
    per-expert loop ("eager") and its default grouped_mm implementation. Goal: >= 2x the per-expert loop.
    Its loop only visits experts that received tokens, so with 2048 tokens both sides run the same GEMM
-   FLOPs; the peak column says how far from the machine's ceiling each side is.
+   FLOPs; the peak column says how far from the machine's ceiling each side is. A decode-sized call (16 tokens,
+   about 1.5 per expert) is bound by reading the experts' weights instead: there ours streams them through the
+   native GEMV.
 
     python tools/bench/forward.py [--quick] [--batch 4 --seq 512] [--dtypes float32,bfloat16]
 """
@@ -171,16 +173,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--moe-tokens", type=int, default=2048)
+    parser.add_argument(
+        "--moe-tokens",
+        default="2048,16",
+        help="token counts for the MoE layer (comma-separated): a prefill-sized batch, and a decode-sized one",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small shapes, one round: a smoke run")
     args = parser.parse_args(argv)
     if args.quick:
-        args.batch, args.seq, args.layers, args.moe_tokens, args.rounds = 1, 128, 2, 256, 1
+        args.batch, args.seq, args.layers, args.moe_tokens, args.rounds = 1, 128, 2, "256,16", 1
     dtypes = args.dtypes.split(",")
     print(machine_summary())
     rows = dense_forward(args.batch, args.seq, dtypes, args.layers, args.rounds)
-    rows += moe_layer(args.moe_tokens, dtypes, args.rounds)
+    for tokens in args.moe_tokens.split(","):
+        rows += moe_layer(int(tokens), dtypes, args.rounds)
     print_table(rows)
 
 

@@ -16,6 +16,9 @@ from ..config import ModelConfig
 from .mlp import MLP
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+# Up to this many (token, expert) assignments per expert on average, the native GEMV beats a grouped matmul
+# (tools/bench/forward.py, V2-Lite-shaped layer: 1.2-2.3x at 16-64 tokens, slower from about 10 per expert).
+_GEMV_ROWS_PER_EXPERT = 6
 
 
 class Router(nn.Module):
@@ -94,7 +97,9 @@ class RoutedExperts(nn.Module):
         token_of = order // top_k  # which token each sorted assignment came from
         counts = torch.bincount(flat_ids, minlength=self.num_experts)
         routed_inputs = hidden_states[token_of]  # [T*k, H], grouped by expert
-        if _HAS_GROUPED_MM and routed_inputs.dtype in (torch.float32, torch.bfloat16):
+        if self._streams_weights(routed_inputs):
+            outputs = self._gemv_loop(routed_inputs, counts)
+        elif _HAS_GROUPED_MM and routed_inputs.dtype in (torch.float32, torch.bfloat16):
             offsets = counts.cumsum(0).to(torch.int32)
             gate_up = F.grouped_mm(routed_inputs, self.gate_up_proj.transpose(1, 2), offs=offsets)
             gate, up = gate_up.chunk(2, dim=-1)
@@ -104,6 +109,40 @@ class RoutedExperts(nn.Module):
         outputs = outputs * weights.reshape(-1)[order].unsqueeze(-1).to(outputs.dtype)
         combined = torch.zeros_like(hidden_states)
         return combined.index_add_(0, token_of, outputs.to(hidden_states.dtype))
+
+    def _streams_weights(self, routed_inputs: torch.Tensor) -> bool:
+        """Few rows per expert (decode): each expert's product is bound by reading its weights, which the native
+        GEMV streams at about twice the rate of a matmul. CPU inference only (the kernel has no backward)."""
+        if (
+            routed_inputs.shape[0] > _GEMV_ROWS_PER_EXPERT * self.num_experts
+            or routed_inputs.device.type != "cpu"
+        ):
+            return False
+        if torch.is_grad_enabled() and (self.gate_up_proj.requires_grad or routed_inputs.requires_grad):
+            return False
+        from ..quant import kernels
+
+        return (
+            routed_inputs.dtype == self.gate_up_proj.dtype
+            and kernels.gemv_takes(self.gate_up_proj[0])
+            and kernels.gemv_takes(self.down_proj[0])
+            and kernels.native_library() is not None
+        )
+
+    def _gemv_loop(self, routed_inputs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        from ..quant.kernels import GEMV_MAX_ROWS, float_gemv
+
+        outputs = torch.empty_like(routed_inputs)
+        start = 0
+        for expert, count in enumerate(counts.tolist()):
+            for row in range(start, start + count, GEMV_MAX_ROWS):
+                end = min(row + GEMV_MAX_ROWS, start + count)
+                gate, up = float_gemv(routed_inputs[row:end], self.gate_up_proj[expert], None).chunk(
+                    2, dim=-1
+                )
+                outputs[row:end] = float_gemv(F.silu(gate) * up, self.down_proj[expert], None)
+            start += count
+        return outputs
 
     def _loop(self, routed_inputs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         outputs = torch.empty_like(routed_inputs)
