@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import KVCacheView
+from .attention import KVCacheView, causal_self_attention
 from .linear import Linear
 from .norm import RMSNorm
 from .rope import RotaryTables, softmax_scale
@@ -84,9 +84,11 @@ class MLAttention(nn.Module):
         q_pe, k_pe = rotary.apply(q_pe), rotary.apply(k_pe)
         if cache is None:
             key, value = self.expand_kv(kv_latent, k_pe)
-            out = F.scaled_dot_product_attention(
-                torch.cat((q_nope, q_pe), dim=-1), key, value, is_causal=seq > 1, scale=self.scale
-            )
+            query = torch.cat((q_nope, q_pe), dim=-1)
+            if seq > 1:
+                out = causal_self_attention(query, key, value, self.scale)
+            else:
+                out = F.scaled_dot_product_attention(query, key, value, scale=self.scale)
         else:
             out = cache.attend_latent(self.layer_idx, self, q_nope, q_pe, kv_latent, k_pe, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))

@@ -36,7 +36,9 @@ GEMV_SOURCE = SOURCE.with_name("gemv.c")
 ATTENTION_SOURCE = SOURCE.with_name("decode_attention.c")
 # And the RMSNorm of decode rows (engine/cpu_norm.py).
 NORM_SOURCE = SOURCE.with_name("rms_norm.c")
-SOURCES = (SOURCE, GEMV_SOURCE, ATTENTION_SOURCE, NORM_SOURCE)
+# And causal self-attention over whole sequences in bfloat16 (model/attention.py, model/mla.py).
+CAUSAL_SOURCE = SOURCE.with_name("causal_attention.c")
+SOURCES = (SOURCE, GEMV_SOURCE, ATTENTION_SOURCE, NORM_SOURCE, CAUSAL_SOURCE)
 # Included by the float kernels (bfloat16 conversions); part of the cache key like the sources.
 HEADERS = (SOURCE.with_name("bf16.h"),)
 # -ffp-contract=off: no implicit FMA contraction, so the dynamic kernels round exactly like the torch path.
@@ -145,6 +147,14 @@ def native_library() -> ctypes.CDLL | None:
         attn.argtypes = [ptr, i64, ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, i64, i64, i64, i64]
         attn.argtypes += [ctypes.c_float, ctypes.c_int]
         attn.restype = ctypes.c_int
+    # (q, q strides b/h/s, k, k strides, v, v strides, out, out strides, B, H, KVH, S, D, Dv, scale, threads)
+    lib.ds_causal_attn_bf16.argtypes = [
+        *([ptr, i64, i64, i64] * 4),
+        *([i64] * 6),
+        ctypes.c_float,
+        ctypes.c_int,
+    ]
+    lib.ds_causal_attn_bf16.restype = ctypes.c_int
     # (x, x_stride, w, out, M, D, eps) -> 0 | -1
     for norm in (lib.ds_rms_norm_f32, lib.ds_rms_norm_bf16):
         norm.argtypes = [ptr, i64, ptr, ptr, i64, i64, ctypes.c_float]
@@ -434,6 +444,46 @@ def decode_attention(
     )
     if status != 0:
         raise MemoryError(f"decode_attention: the native kernel failed for {heads} heads x {length} keys")
+
+
+def causal_attention_takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether causal_attention runs these [B, H, S, D] / [B, KVH, S, D] / [B, KVH, S, Dv] CPU tensors here:
+    bfloat16, self-attention (as many keys as queries), last dimensions contiguous, AVX512-BF16
+    (causal_attention.c)."""
+    return (
+        query.dtype == key.dtype == value.dtype == torch.bfloat16
+        and query.device.type == "cpu"
+        and query.dim() == key.dim() == value.dim() == 4
+        and query.shape[2] == key.shape[2] == value.shape[2]
+        and key.shape[:2] == value.shape[:2]
+        and query.shape[1] % key.shape[1] == 0
+        and query.shape[-1] == key.shape[-1]
+        and query.shape[-1] % 2 == 0
+        and value.shape[-1] % 16 == 0
+        and value.shape[-1] <= 512
+        and all(t.stride(-1) == 1 for t in (query, key, value))
+        and _gemv_isa_covers(torch.bfloat16)
+    )
+
+
+def causal_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+) -> torch.Tensor | None:
+    """Causal self-attention (query row i sees keys j <= i) of tensors causal_attention_takes() accepts, as
+    [B, H, S, Dv] (a transposed view of [B, S, H, Dv] memory, which the output projection reads as is), or None
+    when the native kernel declines (the caller then uses torch's scaled_dot_product_attention)."""
+    lib = native_library()
+    assert lib is not None
+    batch, heads, seq, head_dim = query.shape
+    kv_heads, value_dim = key.shape[1], value.shape[-1]
+    out = torch.empty((batch, seq, heads, value_dim), dtype=query.dtype).transpose(1, 2)
+    args = []
+    for t in (query, key, value, out):
+        args += [t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)]
+    status = lib.ds_causal_attn_bf16(
+        *args, batch, heads, kv_heads, seq, head_dim, value_dim, scale, torch.get_num_threads()
+    )
+    return out if status == 0 else None
 
 
 def rms_norm_takes(dtype: torch.dtype, dim: int) -> bool:
