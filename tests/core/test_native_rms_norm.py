@@ -32,6 +32,22 @@ def test_bfloat16_is_bit_identical_to_the_module() -> None:
     assert torch.equal(kernels.rms_norm(x, norm.weight, norm.eps), norm(x))
 
 
+def test_bfloat16_inference_runs_it_on_whole_sequences(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside the engine, a bfloat16 RMSNorm that needs no gradient runs the kernel (rows split among threads),
+    with the torch ops' exact result; with gradients wanted it keeps the torch ops."""
+    _needs()
+    norm = _norm(torch.bfloat16)
+    x = (torch.randn(3, 50, 768) * 3).to(torch.bfloat16)
+    calls: list[int] = []
+    native = kernels.rms_norm
+    monkeypatch.setattr(kernels, "rms_norm", lambda x, w, eps: calls.append(x.shape[0]) or native(x, w, eps))
+    expected = norm(x)  # gradients wanted (the weight is a parameter): the torch ops
+    assert calls == []
+    with torch.inference_mode():
+        out = norm(x)
+    assert calls == [150] and torch.equal(out, expected)
+
+
 def test_float32_matches_the_module_to_rounding() -> None:
     _needs()
     norm = _norm(torch.float32)

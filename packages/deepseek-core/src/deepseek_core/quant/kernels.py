@@ -155,9 +155,9 @@ def native_library() -> ctypes.CDLL | None:
         ctypes.c_int,
     ]
     lib.ds_causal_attn_bf16.restype = ctypes.c_int
-    # (x, x_stride, w, out, M, D, eps) -> 0 | -1
+    # (x, x_stride, w, out, M, D, eps, threads) -> 0 | -1
     for norm in (lib.ds_rms_norm_f32, lib.ds_rms_norm_bf16):
-        norm.argtypes = [ptr, i64, ptr, ptr, i64, i64, ctypes.c_float]
+        norm.argtypes = [ptr, i64, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int]
         norm.restype = ctypes.c_int
     return lib
 
@@ -499,7 +499,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x = x.contiguous()
     out = torch.empty(x.shape, dtype=x.dtype)
     fn = lib.ds_rms_norm_f32 if x.dtype == torch.float32 else lib.ds_rms_norm_bf16
-    if fn(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps) != 0:
+    rows, dim = x.shape
+    if fn(
+        x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), rows, dim, eps, torch.get_num_threads()
+    ):
         raise ValueError(
             f"rms_norm: the native kernel refused a [{x.shape[0]}, {x.shape[1]}] {x.dtype} input"
         )
