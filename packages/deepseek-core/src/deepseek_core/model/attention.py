@@ -11,6 +11,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .linear import Linear
+from .mlp import wants_grad
 from .rope import RotaryTables, softmax_scale
 
 
@@ -19,7 +20,7 @@ def causal_self_attention(
 ) -> torch.Tensor:
     """Causal attention of a whole sequence ([B, H, S, D] queries over [B, KVH, S, D] keys): the native bfloat16
     kernel when it takes the tensors and no gradient is wanted, else torch's scaled_dot_product_attention."""
-    if query.dtype == torch.bfloat16 and query.device.type == "cpu" and not _wants_grad(query, key, value):
+    if query.dtype == torch.bfloat16 and query.device.type == "cpu" and not wants_grad(query, key, value):
         from ..quant import kernels
 
         if kernels.causal_attention_takes(query, key, value):
@@ -29,10 +30,6 @@ def causal_self_attention(
     return F.scaled_dot_product_attention(
         query, key, value, is_causal=True, scale=scale, enable_gqa=enable_gqa
     )
-
-
-def _wants_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 class KVCacheView(Protocol):

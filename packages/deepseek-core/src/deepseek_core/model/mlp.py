@@ -19,4 +19,20 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+        return self.down_proj(silu_and_mul(self.gate_proj(hidden_states), self.up_proj(hidden_states)))
+
+
+def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up; bfloat16 on CPU without gradients runs one native pass instead of two torch ops."""
+    if gate.dtype == torch.bfloat16 and gate.device.type == "cpu" and not wants_grad(gate, up):
+        from ..quant import kernels
+
+        fused = kernels.silu_mul(gate, up)
+        if fused is not None:
+            return fused
+    return F.silu(gate) * up
+
+
+def wants_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd would record an op on these tensors (native kernels have no backward)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .mlp import wants_grad
+
 # (module, input) -> output, or None to fall back to the torch ops.
 NormRouter = Callable[["RMSNorm", torch.Tensor], "torch.Tensor | None"]
 
@@ -46,9 +48,7 @@ class RMSNorm(nn.Module):
 
 
 def _native_bfloat16(module: RMSNorm, x: torch.Tensor) -> torch.Tensor | None:
-    if module.weight.dtype != torch.bfloat16 or (
-        torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad)
-    ):
+    if module.weight.dtype != torch.bfloat16 or wants_grad(x, module.weight):
         return None
     from ..quant import kernels
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import ModelConfig
+from .mlp import wants_grad
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -91,6 +92,12 @@ class RotaryTables:
         (x1 * cos - x2 * sin, x2 * cos + x1 * sin) for the halves x1, x2, rounding exactly as written so.
         """
         cos, signed_sin = self._for(x.dtype)
+        if x.dtype == torch.bfloat16 and not self.interleaved and not wants_grad(x):
+            from ..quant import kernels
+
+            fused = kernels.rope(x, cos, signed_sin)  # bit-identical, one pass instead of four ops
+            if fused is not None:
+                return fused
         half = x.shape[-1] // 2
         if self.interleaved:
             x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)

@@ -38,7 +38,9 @@ ATTENTION_SOURCE = SOURCE.with_name("decode_attention.c")
 NORM_SOURCE = SOURCE.with_name("rms_norm.c")
 # And causal self-attention over whole sequences in bfloat16 (model/attention.py, model/mla.py).
 CAUSAL_SOURCE = SOURCE.with_name("causal_attention.c")
-SOURCES = (SOURCE, GEMV_SOURCE, ATTENTION_SOURCE, NORM_SOURCE, CAUSAL_SOURCE)
+# And the fused rotary embedding and SwiGLU gate of bfloat16 forward passes (model/rope.py, model/mlp.py).
+ELEMENTWISE_SOURCE = SOURCE.with_name("elementwise.c")
+SOURCES = (SOURCE, GEMV_SOURCE, ATTENTION_SOURCE, NORM_SOURCE, CAUSAL_SOURCE, ELEMENTWISE_SOURCE)
 # Included by the float kernels (bfloat16 conversions); part of the cache key like the sources.
 HEADERS = (SOURCE.with_name("bf16.h"),)
 # -ffp-contract=off: no implicit FMA contraction, so the dynamic kernels round exactly like the torch path.
@@ -155,6 +157,11 @@ def native_library() -> ctypes.CDLL | None:
         ctypes.c_int,
     ]
     lib.ds_causal_attn_bf16.restype = ctypes.c_int
+    # (x, x strides b/h/s, cos, ssin, out, B, H, S, D, threads) and (g, u, out, n, threads) -> 0 | -1
+    lib.ds_rope_bf16.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
+    lib.ds_rope_bf16.restype = ctypes.c_int
+    lib.ds_silu_mul_bf16.argtypes = [ptr, ptr, ptr, i64, ctypes.c_int]
+    lib.ds_silu_mul_bf16.restype = ctypes.c_int
     # (x, x_stride, w, out, M, D, eps, threads) -> 0 | -1
     for norm in (lib.ds_rms_norm_f32, lib.ds_rms_norm_bf16):
         norm.argtypes = [ptr, i64, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int]
@@ -482,6 +489,54 @@ def causal_attention(
         args += [t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)]
     status = lib.ds_causal_attn_bf16(
         *args, batch, heads, kv_heads, seq, head_dim, value_dim, scale, torch.get_num_threads()
+    )
+    return out if status == 0 else None
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor | None:
+    """model/rope.py's rotation of bfloat16 x [B, H, S, D] (last dimension contiguous) by its [B, 1, S, D]
+    tables, bit-identical to the torch ops, as [B, H, S, D] (a view of [B, S, H, D] memory); None when the native
+    kernel does not take these tensors (elementwise.c)."""
+    batch, heads, seq, dim = x.shape
+    if not (
+        x.dtype == cos.dtype == signed_sin.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and x.stride(-1) == 1
+        and dim % 32 == 0
+        and cos.shape == signed_sin.shape == (batch, 1, seq, dim)
+        and cos.is_contiguous()
+        and signed_sin.is_contiguous()
+        and avx512_available()
+    ):
+        return None
+    lib = native_library()
+    assert lib is not None
+    out = torch.empty((batch, seq, heads, dim), dtype=x.dtype).transpose(1, 2)
+    status = lib.ds_rope_bf16(
+        x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), cos.data_ptr(), signed_sin.data_ptr(),
+        out.data_ptr(), batch, heads, seq, dim, torch.get_num_threads(),
+    )  # fmt: skip
+    return out if status == 0 else None
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up for contiguous bfloat16 tensors of one shape (SwiGLU, model/mlp.py), rounded like the
+    torch ops up to a rare last bit; None when the native kernel does not take them (elementwise.c)."""
+    if not (
+        gate.dtype == up.dtype == torch.bfloat16
+        and gate.device.type == "cpu"
+        and gate.shape == up.shape
+        and gate.is_contiguous()
+        and up.is_contiguous()
+        and gate.numel() % 16 == 0
+        and avx512_available()
+    ):
+        return None
+    lib = native_library()
+    assert lib is not None
+    out = torch.empty_like(gate)
+    status = lib.ds_silu_mul_bf16(
+        gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), torch.get_num_threads()
     )
     return out if status == 0 else None
 
