@@ -1,4 +1,5 @@
-"""The native bfloat16 causal attention (quant/csrc/causal_attention.c) of whole-sequence forward passes."""
+"""The native causal attention (quant/csrc/causal_attention.c) of whole-sequence forward passes: bfloat16
+through vdpbf16ps, float32 through FMAs."""
 
 from __future__ import annotations
 
@@ -18,13 +19,22 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _qkv(batch: int, heads: int, kv_heads: int, seq: int, dim: int, value_dim: int) -> list[torch.Tensor]:
+def _qkv(
+    batch: int,
+    heads: int,
+    kv_heads: int,
+    seq: int,
+    dim: int,
+    value_dim: int,
+    dtype: torch.dtype = torch.bfloat16,
+) -> list[torch.Tensor]:
     # [B, S, H, D] memory seen as [B, H, S, D], as the model's projections produce them (strided heads/rows).
     torch.manual_seed(0)
     shapes = ((heads, dim), (kv_heads, dim), (kv_heads, value_dim))
-    return [torch.randn(batch, seq, h, d).bfloat16().transpose(1, 2) for h, d in shapes]
+    return [torch.randn(batch, seq, h, d).to(dtype).transpose(1, 2) for h, d in shapes]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(
     "batch,heads,kv_heads,seq,dim,value_dim",
     [
@@ -34,22 +44,22 @@ def _qkv(batch: int, heads: int, kv_heads: int, seq: int, dim: int, value_dim: i
         (1, 3, 1, 20, 32, 48),  # the generic value path
     ],
 )
-def test_matches_float32_attention(
-    batch: int, heads: int, kv_heads: int, seq: int, dim: int, value_dim: int
+def test_matches_exact_attention(
+    batch: int, heads: int, kv_heads: int, seq: int, dim: int, value_dim: int, dtype: torch.dtype
 ) -> None:
-    q, k, v = _qkv(batch, heads, kv_heads, seq, dim, value_dim)
+    q, k, v = _qkv(batch, heads, kv_heads, seq, dim, value_dim, dtype)
     scale = 1 / math.sqrt(dim)
     assert kernels.causal_attention_takes(q, k, v)
     out = kernels.causal_attention(q, k, v, scale)
-    assert out is not None and out.shape == (batch, heads, seq, value_dim) and out.dtype == torch.bfloat16
+    assert out is not None and out.shape == (batch, heads, seq, value_dim) and out.dtype == dtype
     gqa = heads != kv_heads
     reference = F.scaled_dot_product_attention(
-        q.float(), k.float(), v.float(), is_causal=True, scale=scale, enable_gqa=gqa
+        q.double(), k.double(), v.double(), is_causal=True, scale=scale, enable_gqa=gqa
     )
-    torch_bf16 = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    ours_error = (out.float() - reference).abs().max().item()
-    torch_error = (torch_bf16.float() - reference).abs().max().item()
-    assert ours_error <= 1.5 * torch_error + 1e-3, (ours_error, torch_error)  # bfloat16 rounding, no more
+    torch_same_dtype = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    ours_error = (out.double() - reference).abs().max().item()
+    torch_error = (torch_same_dtype.double() - reference).abs().max().item()
+    assert ours_error <= 2 * torch_error + 1e-6, (ours_error, torch_error)  # the dtype's rounding, no more
     # Row 0 sees only key 0: its output is exactly that key's value row.
     group = heads // kv_heads
     torch.testing.assert_close(out[:, :, 0], v[:, :, 0].repeat_interleave(group, dim=1), atol=0, rtol=0)
@@ -57,7 +67,7 @@ def test_matches_float32_attention(
 
 def test_declines_what_it_does_not_compute() -> None:
     q, k, v = _qkv(1, 4, 2, 16, 64, 64)
-    assert not kernels.causal_attention_takes(q.float(), k.float(), v.float())  # bfloat16 only
+    assert not kernels.causal_attention_takes(q.half(), k.half(), v.half())  # float32 and bfloat16 only
     assert not kernels.causal_attention_takes(
         q[:, :, :8], k, v
     )  # fewer queries than keys (not self-attention)

@@ -1,5 +1,5 @@
-"""Grouped-query attention through torch's scaled_dot_product_attention (or, for bfloat16 inference on CPUs
-with AVX512-BF16, a native causal kernel about 3x faster: quant/csrc/causal_attention.c)."""
+"""Grouped-query attention through torch's scaled_dot_product_attention (or, for inference on CPUs with
+AVX512-BF16, a native causal kernel 2-3x faster: quant/csrc/causal_attention.c)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ from .rope import RotaryTables, softmax_scale
 def causal_self_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, enable_gqa: bool = False
 ) -> torch.Tensor:
-    """Causal attention of a whole sequence ([B, H, S, D] queries over [B, KVH, S, D] keys): the native bfloat16
-    kernel when it takes the tensors and no gradient is wanted, else torch's scaled_dot_product_attention."""
-    if query.dtype == torch.bfloat16 and query.device.type == "cpu" and not wants_grad(query, key, value):
+    """Causal attention of a whole sequence ([B, H, S, D] queries over [B, KVH, S, D] keys): the native kernel
+    (float32 or bfloat16) when it takes the tensors and no gradient is wanted, else torch's
+    scaled_dot_product_attention."""
+    if query.device.type == "cpu" and not wants_grad(query, key, value):
         from ..quant import kernels
 
         if kernels.causal_attention_takes(query, key, value):

@@ -150,13 +150,9 @@ def native_library() -> ctypes.CDLL | None:
         attn.argtypes += [ctypes.c_float, ctypes.c_int]
         attn.restype = ctypes.c_int
     # (q, q strides b/h/s, k, k strides, v, v strides, out, out strides, B, H, KVH, S, D, Dv, scale, threads)
-    lib.ds_causal_attn_bf16.argtypes = [
-        *([ptr, i64, i64, i64] * 4),
-        *([i64] * 6),
-        ctypes.c_float,
-        ctypes.c_int,
-    ]
-    lib.ds_causal_attn_bf16.restype = ctypes.c_int
+    for causal in (lib.ds_causal_attn_f32, lib.ds_causal_attn_bf16):
+        causal.argtypes = [*([ptr, i64, i64, i64] * 4), *([i64] * 6), ctypes.c_float, ctypes.c_int]
+        causal.restype = ctypes.c_int
     # (x, x strides b/h/s, cos, ssin, out, B, H, S, D, threads) and (g, u, out, n, threads) -> 0 | -1
     lib.ds_rope_bf16.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
     lib.ds_rope_bf16.restype = ctypes.c_int
@@ -455,17 +451,18 @@ def decode_attention(
 
 def causal_attention_takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """Whether causal_attention runs these [B, H, S, D] / [B, KVH, S, D] / [B, KVH, S, Dv] CPU tensors here:
-    bfloat16, self-attention (as many keys as queries), last dimensions contiguous, AVX512-BF16
-    (causal_attention.c)."""
+    float32 or bfloat16, self-attention (as many keys as queries), last dimensions contiguous, a CPU with
+    AVX512-BF16 (causal_attention.c)."""
     return (
-        query.dtype == key.dtype == value.dtype == torch.bfloat16
+        query.dtype == key.dtype == value.dtype
+        and query.dtype in (torch.float32, torch.bfloat16)
         and query.device.type == "cpu"
         and query.dim() == key.dim() == value.dim() == 4
         and query.shape[2] == key.shape[2] == value.shape[2]
         and key.shape[:2] == value.shape[:2]
         and query.shape[1] % key.shape[1] == 0
         and query.shape[-1] == key.shape[-1]
-        and query.shape[-1] % 2 == 0
+        and (query.shape[-1] % 2 == 0 or query.dtype == torch.float32)
         and value.shape[-1] % 16 == 0
         and value.shape[-1] <= 512
         and all(t.stride(-1) == 1 for t in (query, key, value))
@@ -487,9 +484,8 @@ def causal_attention(
     args = []
     for t in (query, key, value, out):
         args += [t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)]
-    status = lib.ds_causal_attn_bf16(
-        *args, batch, heads, kv_heads, seq, head_dim, value_dim, scale, torch.get_num_threads()
-    )
+    fn = lib.ds_causal_attn_f32 if query.dtype == torch.float32 else lib.ds_causal_attn_bf16
+    status = fn(*args, batch, heads, kv_heads, seq, head_dim, value_dim, scale, torch.get_num_threads())
     return out if status == 0 else None
 
 

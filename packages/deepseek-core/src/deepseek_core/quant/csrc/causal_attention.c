@@ -230,12 +230,144 @@ int ds_causal_attn_bf16(const uint16_t *q, int64_t q_b, int64_t q_h, int64_t q_s
     return failed ? -1 : 0;
 }
 
+
+/* ---- float32: the same tiling with FMAs (keys packed as [S_pad / 16][D][16]; values read in place) ---- */
+
+static void pack_k_f32(const float *k, int64_t k_s, int64_t S, int64_t S_pad, int64_t D, float *kp) {
+    for (int64_t blk = 0; blk < S_pad / KBLOCK; blk++) {
+        float *dst = kp + blk * D * KBLOCK;
+        for (int64_t j = 0; j < KBLOCK; j++) {
+            int64_t key = blk * KBLOCK + j;
+            for (int64_t d = 0; d < D; d++) dst[d * KBLOCK + j] = key < S ? k[key * k_s + d] : 0.0f;
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void probs_times_values_f32(
+    const float *probs, int64_t probs_stride, const float *v, int64_t v_s, int64_t keys, const float *inv,
+    float *const *out, const int ROWS, const int NV) {
+    __m512 acc[4][8];
+    for (int r = 0; r < ROWS; r++)
+        for (int c = 0; c < NV; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < keys; j++) {
+        const float *vrow = v + j * v_s;
+        for (int c = 0; c < NV; c++) {
+            __m512 vv = _mm512_loadu_ps(vrow + 16 * c);
+            for (int r = 0; r < ROWS; r++) acc[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(probs[r * probs_stride + j]), vv, acc[r][c]);
+        }
+    }
+    for (int r = 0; r < ROWS; r++)
+        for (int c = 0; c < NV; c++) _mm512_storeu_ps(out[r] + 16 * c, _mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv[r])));
+}
+
+static void attend_rows_f32(const float *q, int64_t q_s, const float *kp, const float *v, int64_t v_s, float *out,
+                            int64_t o_s, int64_t i0, int64_t rows, int64_t D, int64_t Dv, float scale, float *scores,
+                            int64_t stride) {
+    int64_t kend = i0 + rows;
+    int64_t blocks = (kend + KBLOCK - 1) / KBLOCK;
+    const float *qrow[QROWS];
+    for (int r = 0; r < QROWS; r++) qrow[r] = q + (i0 + (r < rows ? r : rows - 1)) * q_s;
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const float *kb = kp + blk * D * KBLOCK;
+        __m512 acc[QROWS];
+        for (int r = 0; r < QROWS; r++) acc[r] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d++) {
+            __m512 kv = _mm512_loadu_ps(kb + d * KBLOCK);
+            for (int r = 0; r < QROWS; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(qrow[r][d]), kv, acc[r]);
+        }
+        for (int r = 0; r < rows; r++) _mm512_storeu_ps(scores + r * stride + blk * KBLOCK, acc[r]);
+    }
+    float inv[QROWS];
+    __m512 vscale = _mm512_set1_ps(scale);
+    for (int r = 0; r < rows; r++) {
+        int64_t valid = i0 + r + 1;
+        float *s = scores + r * stride;
+        __m512 best = _mm512_set1_ps(-INFINITY);
+        for (int64_t j = 0; j < valid; j += 16) {
+            __mmask16 m = valid - j >= 16 ? 0xffff : (__mmask16)((1u << (valid - j)) - 1);
+            best = _mm512_mask_max_ps(best, m, best, _mm512_mul_ps(_mm512_loadu_ps(s + j), vscale));
+        }
+        __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(best));
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t j = 0; j < blocks * KBLOCK; j += 16) {
+            __mmask16 m = valid - j >= 16 ? 0xffff : (valid > j ? (__mmask16)((1u << (valid - j)) - 1) : 0);
+            __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + j), vscale), top)));
+            total = _mm512_add_ps(total, e);
+            _mm512_storeu_ps(s + j, e); /* the probabilities replace the scores */
+        }
+        inv[r] = 1.0f / _mm512_reduce_add_ps(total);
+    }
+    float *orow[QROWS];
+    for (int r = 0; r < rows; r++) orow[r] = out + (i0 + r) * o_s;
+    int64_t r = 0;
+    if (Dv == 64) {
+        for (; r + 4 <= rows; r += 4) probs_times_values_f32(scores + r * stride, stride, v, v_s, kend, inv + r, orow + r, 4, 4);
+    } else if (Dv == 128) {
+        for (; r + 2 <= rows; r += 2) probs_times_values_f32(scores + r * stride, stride, v, v_s, kend, inv + r, orow + r, 2, 8);
+    }
+    for (; r < rows; r++)
+        for (int64_t c0 = 0; c0 < Dv; c0 += 16) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t j = 0; j < kend; j++)
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[r * stride + j]), _mm512_loadu_ps(v + j * v_s + c0), acc);
+            _mm512_storeu_ps(orow[r] + c0, _mm512_mul_ps(acc, _mm512_set1_ps(inv[r])));
+        }
+}
+
+int ds_causal_attn_f32(const float *q, int64_t q_b, int64_t q_h, int64_t q_s, const float *k, int64_t k_b, int64_t k_h,
+                       int64_t k_s, const float *v, int64_t v_b, int64_t v_h, int64_t v_s, float *out, int64_t o_b,
+                       int64_t o_h, int64_t o_s, int64_t B, int64_t H, int64_t KVH, int64_t S, int64_t D, int64_t Dv,
+                       float scale, int nthreads) {
+    if (B < 1 || S < 1 || KVH < 1 || H % KVH != 0 || D < 1 || Dv % 16 != 0 || Dv < 16 || Dv > MAX_DV) return -1;
+    int64_t S_pad = (S + KBLOCK - 1) / KBLOCK * KBLOCK;
+    int64_t k_elems = S_pad * D;
+    float *packed = malloc((size_t)(B * KVH) * (size_t)k_elems * sizeof(float));
+    if (packed == NULL) return -1;
+    if (nthreads < 1) nthreads = 1;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t bg = 0; bg < B * KVH; bg++)
+            pack_k_f32(k + (bg / KVH) * k_b + (bg % KVH) * k_h, k_s, S, S_pad, D, packed + bg * k_elems);
+        float *scores = malloc((size_t)(QROWS * S_pad) * sizeof(float));
+        if (scores == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        int64_t tiles = (S + QROWS - 1) / QROWS;
+        int64_t heads_per_kv = H / KVH;
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t task = 0; task < B * H * tiles; task++) {
+            if (scores == NULL) continue;
+            int64_t tile = tiles - 1 - task % tiles, bh = task / tiles;
+            int64_t b = bh / H, h = bh % H, g = h / heads_per_kv;
+            int64_t i0 = tile * QROWS, rows = S - i0 < QROWS ? S - i0 : QROWS;
+            attend_rows_f32(q + b * q_b + h * q_h, q_s, packed + (b * KVH + g) * k_elems, v + b * v_b + g * v_h, v_s,
+                            out + b * o_b + h * o_h, o_s, i0, rows, D, Dv, scale, scores, S_pad);
+        }
+        free(scores);
+    }
+    free(packed);
+    return failed ? -1 : 0;
+}
+
 #else
 
 int ds_causal_attn_bf16(const uint16_t *q, int64_t q_b, int64_t q_h, int64_t q_s, const uint16_t *k, int64_t k_b,
                         int64_t k_h, int64_t k_s, const uint16_t *v, int64_t v_b, int64_t v_h, int64_t v_s,
                         uint16_t *out, int64_t o_b, int64_t o_h, int64_t o_s, int64_t B, int64_t H, int64_t KVH,
                         int64_t S, int64_t D, int64_t Dv, float scale, int nthreads) {
+    (void)q, (void)q_b, (void)q_h, (void)q_s, (void)k, (void)k_b, (void)k_h, (void)k_s, (void)v, (void)v_b;
+    (void)v_h, (void)v_s, (void)out, (void)o_b, (void)o_h, (void)o_s, (void)B, (void)H, (void)KVH, (void)S;
+    (void)D, (void)Dv, (void)scale, (void)nthreads;
+    return -1;
+}
+
+int ds_causal_attn_f32(const float *q, int64_t q_b, int64_t q_h, int64_t q_s, const float *k, int64_t k_b, int64_t k_h,
+                       int64_t k_s, const float *v, int64_t v_b, int64_t v_h, int64_t v_s, float *out, int64_t o_b,
+                       int64_t o_h, int64_t o_s, int64_t B, int64_t H, int64_t KVH, int64_t S, int64_t D, int64_t Dv,
+                       float scale, int nthreads) {
     (void)q, (void)q_b, (void)q_h, (void)q_s, (void)k, (void)k_b, (void)k_h, (void)k_s, (void)v, (void)v_b;
     (void)v_h, (void)v_s, (void)out, (void)o_b, (void)o_h, (void)o_s, (void)B, (void)H, (void)KVH, (void)S;
     (void)D, (void)Dv, (void)scale, (void)nthreads;
