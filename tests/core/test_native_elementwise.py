@@ -1,4 +1,4 @@
-"""The fused bfloat16 rotary embedding and SwiGLU gate (quant/csrc/elementwise.c) of forward passes."""
+"""The fused rotary embedding and SwiGLU gate (quant/csrc/elementwise.c) of float32 and bfloat16 forward passes."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ def _tables(batch: int, seq: int, dim: int, interleaved: bool = False) -> Rotary
     return RotaryTables(cos=angles.cos(), sin=angles.sin(), interleaved=interleaved)
 
 
-def test_rope_is_bit_identical_to_the_torch_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_is_bit_identical_to_the_torch_ops(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
-    x = torch.randn(2, 33, 4, 64).bfloat16().transpose(1, 2)  # [B, H, S, D] over [B, S, H, D] memory
+    x = torch.randn(2, 33, 4, 64).to(dtype).transpose(1, 2)  # [B, H, S, D] over [B, S, H, D] memory
     tables = _tables(2, 33, 64)
     expected = tables.apply(x.clone().requires_grad_(True)).detach()  # gradients wanted: the torch ops
     calls: list[int] = []
@@ -29,9 +30,9 @@ def test_rope_is_bit_identical_to_the_torch_ops(monkeypatch: pytest.MonkeyPatch)
         out = tables.apply(x)
     assert calls == [1] and torch.equal(out, expected)
     # Shapes it does not take come back as None (the caller keeps the torch ops).
-    cos, signed_sin = tables._for(torch.bfloat16)
+    cos, signed_sin = tables._for(dtype)
     assert kernels.rope(x[..., :48], cos[..., :48], signed_sin[..., :48]) is None  # D % 32 != 0
-    assert kernels.rope(x.float(), cos.float(), signed_sin.float()) is None  # bfloat16 only
+    assert kernels.rope(x.half(), cos.half(), signed_sin.half()) is None  # float32 and bfloat16 only
     # Interleaved tables keep the torch ops.
     calls.clear()
     with torch.inference_mode():
@@ -49,6 +50,10 @@ def test_silu_mul_matches_torch_and_runs_in_mlp_inference(monkeypatch: pytest.Mo
     assert torch.allclose(fused.float(), expected.float(), rtol=2**-7, atol=0)
     assert (fused != expected).float().mean().item() < 1e-3
     assert kernels.silu_mul(gate[..., :8], up[..., :8]) is None  # not contiguous
+    # float32: within a few units in the last place.
+    fused32 = kernels.silu_mul(gate.float(), up.float())
+    assert fused32 is not None
+    torch.testing.assert_close(fused32, F.silu(gate.float()) * up.float(), rtol=1e-6, atol=1e-30)
 
     mlp = MLP(64, 128).bfloat16()
     x = torch.randn(2, 5, 64).bfloat16()

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from ..model.transformer import Transformer
 from ..quant import kernels
 from .cpu_linear import PackedLinears
-from .cpu_norm import NativeNorms
 from .cuda_graphs import StaticDecode, StaticDecodeInputs
 from .kv_cache import KVCache
 from .scheduler import ScheduledChunk
@@ -415,11 +414,6 @@ class ModelRunner:
         self.decode_backend = decode_backend
         self.static: StaticDecode | None = None  # fixed-shape decode steps (CUDA graphs), when enabled
         self.workspace = Workspace(self.device) if self.device.type == "cpu" else None
-        # Decode-sized RMSNorms through the native kernel (CPU with AVX-512; None: the torch ops, with no
-        # router call per norm).
-        self.native_norms = (
-            NativeNorms() if self.device.type == "cpu" and kernels.avx512_available() else None
-        )
         self.packed: PackedLinears | None = None  # oneDNN-prepacked linears (CPU), when enabled
 
     def enable_cpu_prepack(self) -> int:
@@ -458,10 +452,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: PreparedBatch | StaticDecodeInputs) -> torch.Tensor:
         """Forward pass; logits [num_sampling_chunks, vocab] (in chunk order)."""
-        with (
-            self.packed if self.packed is not None else contextlib.nullcontext(),
-            self.native_norms if self.native_norms is not None else contextlib.nullcontext(),
-        ):
+        with self.packed if self.packed is not None else contextlib.nullcontext():
             if isinstance(batch, StaticDecodeInputs):
                 assert self.static is not None
                 return self.static.run(batch)

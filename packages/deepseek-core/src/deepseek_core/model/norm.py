@@ -1,25 +1,16 @@
 """RMSNorm, computed in float32 like the reference implementations.
 
-Like the model's `Linear` (model/linear.py), an inference engine may reroute RMSNorm calls on its own thread
-to a faster kernel that computes the same thing (engine/cpu_norm.py). Elsewhere, bfloat16 inputs on CPU that
-need no gradient run the same native kernel (quant/csrc/rms_norm.c: one pass instead of seven ops over the
-rows), whose result is bit-identical to the torch ops here; everything else runs the torch ops.
+On CPU, float32 and bfloat16 inputs that need no gradient (inference, the engine) run a native kernel
+(quant/csrc/rms_norm.c: one pass over the rows instead of seven torch ops): bit-identical to the torch ops
+below in bfloat16, equal to rounding in float32. Everything else runs the torch ops.
 """
 
 from __future__ import annotations
-
-import threading
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from .mlp import wants_grad
-
-# (module, input) -> output, or None to fall back to the torch ops.
-NormRouter = Callable[["RMSNorm", torch.Tensor], "torch.Tensor | None"]
-
-_local = threading.local()
 
 
 class RMSNorm(nn.Module):
@@ -31,13 +22,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        router: NormRouter | None = getattr(_local, "router", None)
-        if router is not None:
-            routed = router(self, hidden_states)
-            if routed is not None:
-                return routed
-        if hidden_states.dtype == torch.bfloat16 and hidden_states.device.type == "cpu":
-            native = _native_bfloat16(self, hidden_states)
+        if hidden_states.device.type == "cpu":
+            native = _native(self, hidden_states)
             if native is not None:
                 return native
         input_dtype = hidden_states.dtype
@@ -47,8 +33,8 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(input_dtype)
 
 
-def _native_bfloat16(module: RMSNorm, x: torch.Tensor) -> torch.Tensor | None:
-    if module.weight.dtype != torch.bfloat16 or wants_grad(x, module.weight):
+def _native(module: RMSNorm, x: torch.Tensor) -> torch.Tensor | None:
+    if module.weight.dtype != x.dtype or wants_grad(x, module.weight):
         return None
     from ..quant import kernels
 
@@ -56,11 +42,3 @@ def _native_bfloat16(module: RMSNorm, x: torch.Tensor) -> torch.Tensor | None:
     if x.numel() == 0 or not kernels.rms_norm_takes(x.dtype, dim):
         return None
     return kernels.rms_norm(x.reshape(-1, dim), module.weight, module.eps).view(x.shape)
-
-
-def swap_norm_router(router: NormRouter | None) -> NormRouter | None:
-    """Send every `RMSNorm` call on this thread to `router(module, input)` first (None: the torch ops only);
-    returns the previous router, to be put back when done."""
-    previous: NormRouter | None = getattr(_local, "router", None)
-    _local.router = router
-    return previous

@@ -92,7 +92,7 @@ class RotaryTables:
         (x1 * cos - x2 * sin, x2 * cos + x1 * sin) for the halves x1, x2, rounding exactly as written so.
         """
         cos, signed_sin = self._for(x.dtype)
-        if x.dtype == torch.bfloat16 and not self.interleaved and not wants_grad(x):
+        if x.device.type == "cpu" and not self.interleaved and not wants_grad(x):
             from ..quant import kernels
 
             fused = kernels.rope(x, cos, signed_sin)  # bit-identical, one pass instead of four ops

@@ -34,11 +34,11 @@ SOURCE = Path(__file__).with_name("csrc") / "int8_gemm.c"
 GEMV_SOURCE = SOURCE.with_name("gemv.c")
 # And the single-query attention of decode steps (engine/runner.py).
 ATTENTION_SOURCE = SOURCE.with_name("decode_attention.c")
-# And the RMSNorm of decode rows (engine/cpu_norm.py).
+# And RMSNorm rows (model/norm.py).
 NORM_SOURCE = SOURCE.with_name("rms_norm.c")
-# And causal self-attention over whole sequences in bfloat16 (model/attention.py, model/mla.py).
+# And causal self-attention over whole sequences (model/attention.py, model/mla.py).
 CAUSAL_SOURCE = SOURCE.with_name("causal_attention.c")
-# And the fused rotary embedding and SwiGLU gate of bfloat16 forward passes (model/rope.py, model/mlp.py).
+# And the fused rotary embedding and SwiGLU gate of forward passes (model/rope.py, model/mlp.py).
 ELEMENTWISE_SOURCE = SOURCE.with_name("elementwise.c")
 SOURCES = (SOURCE, GEMV_SOURCE, ATTENTION_SOURCE, NORM_SOURCE, CAUSAL_SOURCE, ELEMENTWISE_SOURCE)
 # Included by the float kernels (bfloat16 conversions); part of the cache key like the sources.
@@ -154,10 +154,12 @@ def native_library() -> ctypes.CDLL | None:
         causal.argtypes = [*([ptr, i64, i64, i64] * 4), *([i64] * 6), ctypes.c_float, ctypes.c_int]
         causal.restype = ctypes.c_int
     # (x, x strides b/h/s, cos, ssin, out, B, H, S, D, threads) and (g, u, out, n, threads) -> 0 | -1
-    lib.ds_rope_bf16.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
-    lib.ds_rope_bf16.restype = ctypes.c_int
-    lib.ds_silu_mul_bf16.argtypes = [ptr, ptr, ptr, i64, ctypes.c_int]
-    lib.ds_silu_mul_bf16.restype = ctypes.c_int
+    for rope_fn in (lib.ds_rope_f32, lib.ds_rope_bf16):
+        rope_fn.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
+        rope_fn.restype = ctypes.c_int
+    for silu_fn in (lib.ds_silu_mul_f32, lib.ds_silu_mul_bf16):
+        silu_fn.argtypes = [ptr, ptr, ptr, i64, ctypes.c_int]
+        silu_fn.restype = ctypes.c_int
     # (x, x_stride, w, out, M, D, eps, threads) -> 0 | -1
     for norm in (lib.ds_rms_norm_f32, lib.ds_rms_norm_bf16):
         norm.argtypes = [ptr, i64, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int]
@@ -490,12 +492,13 @@ def causal_attention(
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor | None:
-    """model/rope.py's rotation of bfloat16 x [B, H, S, D] (last dimension contiguous) by its [B, 1, S, D]
-    tables, bit-identical to the torch ops, as [B, H, S, D] (a view of [B, S, H, D] memory); None when the native
-    kernel does not take these tensors (elementwise.c)."""
+    """model/rope.py's rotation of float32 or bfloat16 x [B, H, S, D] (last dimension contiguous) by its
+    [B, 1, S, D] tables, bit-identical to the torch ops, as [B, H, S, D] (a view of [B, S, H, D] memory); None
+    when the native kernel does not take these tensors (elementwise.c)."""
     batch, heads, seq, dim = x.shape
     if not (
-        x.dtype == cos.dtype == signed_sin.dtype == torch.bfloat16
+        x.dtype == cos.dtype == signed_sin.dtype
+        and x.dtype in (torch.float32, torch.bfloat16)
         and x.device.type == "cpu"
         and x.stride(-1) == 1
         and dim % 32 == 0
@@ -508,7 +511,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.
     lib = native_library()
     assert lib is not None
     out = torch.empty((batch, seq, heads, dim), dtype=x.dtype).transpose(1, 2)
-    status = lib.ds_rope_bf16(
+    fn = lib.ds_rope_f32 if x.dtype == torch.float32 else lib.ds_rope_bf16
+    status = fn(
         x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), cos.data_ptr(), signed_sin.data_ptr(),
         out.data_ptr(), batch, heads, seq, dim, torch.get_num_threads(),
     )  # fmt: skip
@@ -516,10 +520,11 @@ def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
-    """silu(gate) * up for contiguous bfloat16 tensors of one shape (SwiGLU, model/mlp.py), rounded like the
-    torch ops up to a rare last bit; None when the native kernel does not take them (elementwise.c)."""
+    """silu(gate) * up for contiguous float32 or bfloat16 tensors of one shape (SwiGLU, model/mlp.py), equal to
+    the torch ops up to a rare last bit; None when the native kernel does not take them (elementwise.c)."""
     if not (
-        gate.dtype == up.dtype == torch.bfloat16
+        gate.dtype == up.dtype
+        and gate.dtype in (torch.float32, torch.bfloat16)
         and gate.device.type == "cpu"
         and gate.shape == up.shape
         and gate.is_contiguous()
@@ -531,9 +536,8 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
     lib = native_library()
     assert lib is not None
     out = torch.empty_like(gate)
-    status = lib.ds_silu_mul_bf16(
-        gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), torch.get_num_threads()
-    )
+    fn = lib.ds_silu_mul_f32 if gate.dtype == torch.float32 else lib.ds_silu_mul_bf16
+    status = fn(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), torch.get_num_threads())
     return out if status == 0 else None
 
 
