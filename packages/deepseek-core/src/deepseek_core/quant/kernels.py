@@ -41,8 +41,8 @@ CAUSAL_SOURCE = SOURCE.with_name("causal_attention.c")
 # And the fused rotary embedding and SwiGLU gate of forward passes (model/rope.py, model/mlp.py).
 ELEMENTWISE_SOURCE = SOURCE.with_name("elementwise.c")
 SOURCES = (SOURCE, GEMV_SOURCE, ATTENTION_SOURCE, NORM_SOURCE, CAUSAL_SOURCE, ELEMENTWISE_SOURCE)
-# Included by the float kernels (bfloat16 conversions); part of the cache key like the sources.
-HEADERS = (SOURCE.with_name("bf16.h"),)
+# Included by the float kernels (bfloat16 conversions, vector exp); part of the cache key like the sources.
+HEADERS = (SOURCE.with_name("bf16.h"), SOURCE.with_name("vec_math.h"))
 # -ffp-contract=off: no implicit FMA contraction, so the dynamic kernels round exactly like the torch path.
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11"]
 

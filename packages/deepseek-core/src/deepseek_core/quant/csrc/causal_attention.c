@@ -24,6 +24,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "vec_math.h"
 
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -39,20 +40,24 @@ static inline int32_t pair_at(const uint16_t *p) {
     return x;
 }
 
-/* exp of 16 floats: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2 (relative error ~1e-7); x <= -87 gives ~0. */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
+/* Softmax of one row's scores over keys j < valid, in place: s[j] becomes exp(scale * s[j] - max) for j < valid
+ * and 0 up to `padded`; returns 1 / their sum. */
+static float softmax_row(float *s, int64_t valid, int64_t padded, float scale) {
+    __m512 vscale = _mm512_set1_ps(scale);
+    __m512 best = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < valid; j += 16) {
+        __mmask16 m = valid - j >= 16 ? 0xffff : (__mmask16)((1u << (valid - j)) - 1);
+        best = _mm512_mask_max_ps(best, m, best, _mm512_mul_ps(_mm512_loadu_ps(s + j), vscale));
+    }
+    __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(best));
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t j = 0; j < padded; j += 16) {
+        __mmask16 m = valid - j >= 16 ? 0xffff : (valid > j ? (__mmask16)((1u << (valid - j)) - 1) : 0);
+        __m512 e = _mm512_maskz_mov_ps(m, ds_exp16(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + j), vscale), top)));
+        total = _mm512_add_ps(total, e);
+        _mm512_storeu_ps(s + j, e);
+    }
+    return 1.0f / _mm512_reduce_add_ps(total);
 }
 
 /* Keys of one (b, kv head) as [S_pad / 16][D / 2][16] pairs; values as [S_pad / 2][Dv] pairs (zero padded). */
@@ -147,29 +152,15 @@ static void attend_rows(const uint16_t *q, int64_t q_s, const uint32_t *kp, cons
         }
         for (int r = 0; r < rows; r++) _mm512_storeu_ps(scores + r * stride + blk * KBLOCK, acc[r]);
     }
-    /* Softmax per row over keys j <= i, probabilities as bfloat16, zero beyond. */
+    /* Softmax per row over keys j <= i; the probabilities as bfloat16 (zero beyond). */
     float inv[QROWS];
-    __m512 vscale = _mm512_set1_ps(scale);
     for (int r = 0; r < rows; r++) {
-        int64_t valid = i0 + r + 1;
         float *s = scores + r * stride;
-        __m512 best = _mm512_set1_ps(-INFINITY);
-        for (int64_t j = 0; j < valid; j += 16) {
-            __mmask16 m = valid - j >= 16 ? 0xffff : (__mmask16)((1u << (valid - j)) - 1);
-            best = _mm512_mask_max_ps(best, m, best, _mm512_mul_ps(_mm512_loadu_ps(s + j), vscale));
-        }
-        __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(best));
-        __m512 total = _mm512_setzero_ps();
-        uint16_t *pr = probs + r * stride;
-        for (int64_t j = 0; j < blocks * KBLOCK; j += 16) {
-            __mmask16 m = valid - j >= 16 ? 0xffff : (valid > j ? (__mmask16)((1u << (valid - j)) - 1) : 0);
-            __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + j), vscale), top)));
-            total = _mm512_add_ps(total, e);
-            __m512 rounded = ds_round16_bf16(e);
-            _mm256_storeu_si256((__m256i *)(pr + j),
-                                _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(rounded), 16)));
-        }
-        inv[r] = 1.0f / _mm512_reduce_add_ps(total);
+        inv[r] = softmax_row(s, i0 + r + 1, blocks * KBLOCK, scale);
+        for (int64_t j = 0; j < blocks * KBLOCK; j += 16)
+            _mm256_storeu_si256((__m256i *)(probs + r * stride + j),
+                                _mm512_cvtepi32_epi16(_mm512_srli_epi32(
+                                    _mm512_castps_si512(ds_round16_bf16(_mm512_loadu_ps(s + j))), 16)));
     }
     int64_t pairs_k = blocks * KBLOCK / 2;
     uint16_t *orow[QROWS];
@@ -277,26 +268,8 @@ static void attend_rows_f32(const float *q, int64_t q_s, const float *kp, const 
         }
         for (int r = 0; r < rows; r++) _mm512_storeu_ps(scores + r * stride + blk * KBLOCK, acc[r]);
     }
-    float inv[QROWS];
-    __m512 vscale = _mm512_set1_ps(scale);
-    for (int r = 0; r < rows; r++) {
-        int64_t valid = i0 + r + 1;
-        float *s = scores + r * stride;
-        __m512 best = _mm512_set1_ps(-INFINITY);
-        for (int64_t j = 0; j < valid; j += 16) {
-            __mmask16 m = valid - j >= 16 ? 0xffff : (__mmask16)((1u << (valid - j)) - 1);
-            best = _mm512_mask_max_ps(best, m, best, _mm512_mul_ps(_mm512_loadu_ps(s + j), vscale));
-        }
-        __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(best));
-        __m512 total = _mm512_setzero_ps();
-        for (int64_t j = 0; j < blocks * KBLOCK; j += 16) {
-            __mmask16 m = valid - j >= 16 ? 0xffff : (valid > j ? (__mmask16)((1u << (valid - j)) - 1) : 0);
-            __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + j), vscale), top)));
-            total = _mm512_add_ps(total, e);
-            _mm512_storeu_ps(s + j, e); /* the probabilities replace the scores */
-        }
-        inv[r] = 1.0f / _mm512_reduce_add_ps(total);
-    }
+    float inv[QROWS]; /* the probabilities replace the scores */
+    for (int r = 0; r < rows; r++) inv[r] = softmax_row(scores + r * stride, i0 + r + 1, blocks * KBLOCK, scale);
     float *orow[QROWS];
     for (int r = 0; r < rows; r++) orow[r] = out + (i0 + r) * o_s;
     int64_t r = 0;

@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "vec_math.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -70,24 +71,8 @@ int ds_rope_f32(const float *x, int64_t x_b, int64_t x_h, int64_t x_s, const flo
     return rope_rows(x, x_b, x_h, x_s, cos, ssin, out, B, H, S, D, nthreads, 0);
 }
 
-/* exp of 16 floats: 2^n * p(r) with x = n ln2 + r (as in causal_attention.c); large |x| saturates. */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
 static inline __attribute__((always_inline)) __m512 silu16(__m512 gate) {
-    return _mm512_div_ps(gate, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gate))));
+    return _mm512_div_ps(gate, _mm512_add_ps(_mm512_set1_ps(1.0f), ds_exp16(_mm512_sub_ps(_mm512_setzero_ps(), gate))));
 }
 
 int ds_silu_mul_bf16(const uint16_t *g, const uint16_t *u, uint16_t *out, int64_t n, int nthreads) {
