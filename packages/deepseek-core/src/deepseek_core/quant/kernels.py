@@ -150,8 +150,9 @@ def native_library() -> ctypes.CDLL | None:
         attn.argtypes += [ctypes.c_float, ctypes.c_int]
         attn.restype = ctypes.c_int
     # (q, q strides b/h/s, k, k strides, v, v strides, out, out strides, B, H, KVH, S, D, Dv, scale, threads)
+    strided_tensor: list[Any] = [ptr, i64, i64, i64]  # data pointer, then batch, head and row strides
     for causal in (lib.ds_causal_attn_f32, lib.ds_causal_attn_bf16):
-        causal.argtypes = [*([ptr, i64, i64, i64] * 4), *([i64] * 6), ctypes.c_float, ctypes.c_int]
+        causal.argtypes = [*(strided_tensor * 4), *([i64] * 6), ctypes.c_float, ctypes.c_int]
         causal.restype = ctypes.c_int
     # (x, x strides b/h/s, cos, ssin, out, B, H, S, D, threads) and (g, u, out, n, threads) -> 0 | -1
     for rope_fn in (lib.ds_rope_f32, lib.ds_rope_bf16):
