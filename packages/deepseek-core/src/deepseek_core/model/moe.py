@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .mlp import MLP
+from .mlp import MLP, wants_grad
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 # Up to this many (token, expert) assignments per expert on average, the native GEMV beats a grouped matmul
@@ -118,7 +118,7 @@ class RoutedExperts(nn.Module):
             or routed_inputs.device.type != "cpu"
         ):
             return False
-        if torch.is_grad_enabled() and (self.gate_up_proj.requires_grad or routed_inputs.requires_grad):
+        if wants_grad(self.gate_up_proj, routed_inputs):
             return False
         from ..quant import kernels
 
