@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .linear import Linear
-from .mlp import wants_grad
+from .native import inference_on_cpu
 from .rope import RotaryTables, softmax_scale
 
 
@@ -21,7 +21,7 @@ def causal_self_attention(
     """Causal attention of a whole sequence ([B, H, S, D] queries over [B, KVH, S, D] keys): the native kernel
     (float32 or bfloat16) when it takes the tensors and no gradient is wanted, else torch's
     scaled_dot_product_attention."""
-    if query.device.type == "cpu" and not wants_grad(query, key, value):
+    if inference_on_cpu(query, key, value):
         from ..quant import kernels
 
         if kernels.causal_attention_takes(query, key, value):

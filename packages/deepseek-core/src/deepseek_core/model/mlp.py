@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .linear import Linear
+from .native import inference_on_cpu
 
 
 class MLP(nn.Module):
@@ -24,15 +25,10 @@ class MLP(nn.Module):
 
 def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up; on CPU without gradients, one native pass instead of two torch ops."""
-    if gate.device.type == "cpu" and not wants_grad(gate, up):
+    if inference_on_cpu(gate, up):
         from ..quant import kernels
 
         fused = kernels.silu_mul(gate, up)
         if fused is not None:
             return fused
     return F.silu(gate) * up
-
-
-def wants_grad(*tensors: torch.Tensor) -> bool:
-    """Whether autograd would record an op on these tensors (native kernels have no backward)."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .mlp import MLP, wants_grad
+from .mlp import MLP
+from .native import inference_on_cpu
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 # Up to this many (token, expert) assignments per expert on average, the native GEMV beats a grouped matmul
@@ -113,12 +114,9 @@ class RoutedExperts(nn.Module):
     def _streams_weights(self, routed_inputs: torch.Tensor) -> bool:
         """Few rows per expert (decode): each expert's product is bound by reading its weights, which the native
         GEMV streams at about twice the rate of a matmul. CPU inference only (the kernel has no backward)."""
-        if (
-            routed_inputs.shape[0] > _GEMV_ROWS_PER_EXPERT * self.num_experts
-            or routed_inputs.device.type != "cpu"
+        if routed_inputs.shape[0] > _GEMV_ROWS_PER_EXPERT * self.num_experts or not inference_on_cpu(
+            routed_inputs, self.gate_up_proj
         ):
-            return False
-        if wants_grad(self.gate_up_proj, routed_inputs):
             return False
         from ..quant import kernels
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .mlp import wants_grad
+from .native import inference_on_cpu
 
 
 class RMSNorm(nn.Module):
@@ -22,10 +22,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if hidden_states.device.type == "cpu":
-            native = _native(self, hidden_states)
-            if native is not None:
-                return native
+        native = _native(self, hidden_states)
+        if native is not None:
+            return native
         input_dtype = hidden_states.dtype
         hidden_float = hidden_states.float()
         variance = hidden_float.pow(2).mean(-1, keepdim=True)
@@ -34,7 +33,7 @@ class RMSNorm(nn.Module):
 
 
 def _native(module: RMSNorm, x: torch.Tensor) -> torch.Tensor | None:
-    if module.weight.dtype != x.dtype or wants_grad(x, module.weight):
+    if module.weight.dtype != x.dtype or not inference_on_cpu(x, module.weight):
         return None
     from ..quant import kernels
 

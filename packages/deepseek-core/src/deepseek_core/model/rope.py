@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import ModelConfig
-from .mlp import wants_grad
+from .native import inference_on_cpu
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -92,7 +92,7 @@ class RotaryTables:
         (x1 * cos - x2 * sin, x2 * cos + x1 * sin) for the halves x1, x2, rounding exactly as written so.
         """
         cos, signed_sin = self._for(x.dtype)
-        if x.device.type == "cpu" and not self.interleaved and not wants_grad(x):
+        if not self.interleaved and inference_on_cpu(x):
             from ..quant import kernels
 
             fused = kernels.rope(x, cos, signed_sin)  # bit-identical, one pass instead of four ops

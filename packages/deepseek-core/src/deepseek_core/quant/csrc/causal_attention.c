@@ -1,22 +1,24 @@
-/* Causal self-attention over whole sequences in bfloat16 (prefill, full forward passes) on CPU, compiled with
- * int8_gemm.c by deepseek_core.quant.kernels.
+/* Causal self-attention over whole sequences (prefill, full forward passes) on CPU, compiled with int8_gemm.c
+ * by deepseek_core.quant.kernels.
  *
- * ds_causal_attn_bf16: B sequences of S tokens, H query heads over KVH key/value heads (query head h reads kv
- * head h / (H / KVH)); query row i attends to keys j <= i:
+ * ds_causal_attn_f32 / ds_causal_attn_bf16: B sequences of S tokens, H query heads over KVH key/value heads
+ * (query head h reads kv head h / (H / KVH)); query row i attends to keys j <= i:
  *   out[b, h, i, :] = softmax(scale * q[b, h, i] . k[b, g, j] for j <= i) @ v[b, g, :i+1, :]
- * q, k, v and out are bfloat16 with any batch, head and row strides (in elements; the last dimension is
- * contiguous). Dot products run on AVX512-BF16 (vdpbf16ps: bfloat16 products summed in float32); the softmax
- * is float32 and its probabilities are rounded to bfloat16 for the second product, as a bfloat16 matmul would.
- * Needs AVX512-BF16, D even, Dv % 16 == 0 and Dv <= 512; returns -1 (nothing written) otherwise, or when out of
- * memory, and the caller keeps torch's scaled_dot_product_attention.
+ * q, k, v and out are all float32 or all bfloat16, with any batch, head and row strides (in elements; the last
+ * dimension is contiguous). bfloat16 dot products run on AVX512-BF16 (vdpbf16ps: bfloat16 products summed in
+ * float32), float32 ones on FMAs; the softmax is float32, and in bfloat16 its probabilities are rounded to
+ * bfloat16 for the second product, as a bfloat16 matmul would. Needs AVX512-BF16 (both dtypes), Dv % 16 == 0,
+ * Dv <= 512 and, in bfloat16, D even; returns -1 otherwise, or when out of memory (`out` may then be partly
+ * written), and the caller keeps torch's scaled_dot_product_attention.
  *
  * Why: torch's CPU flash attention widens bfloat16 to float32 and runs at about 65 GFLOP/s on a 2-core Zen 4,
  * a sixth of what vdpbf16ps reaches; attention was a fifth of a bfloat16 forward pass of the 134M model.
  *
  * Layout: keys are first packed per (b, kv head) so that one 512-bit load holds one pair of dimensions of 16
  * keys (the operand vdpbf16ps wants for 16 scores at once), and values so that one load holds 16 dimensions of
- * two consecutive keys. Each task then takes 8 query rows of one head: scores for every key it may see, a
- * float32 softmax per row, and the probabilities times the packed values, 4 or 2 rows at a time.
+ * two consecutive keys; in float32 one load holds one dimension of 16 keys, and values are read in place. Each
+ * task then takes 8 query rows of one head: scores for every key it may see, a float32 softmax per row, and the
+ * probabilities times the values, 4 or 2 rows at a time.
  */
 #include <math.h>
 #include <stdint.h>
@@ -104,11 +106,7 @@ static inline __attribute__((always_inline)) void probs_times_values(
         }
     }
     for (int r = 0; r < ROWS; r++)
-        for (int c = 0; c < NV; c++) {
-            __m512 o = ds_round16_bf16(_mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv[r])));
-            __m256i packed = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(o), 16));
-            _mm256_storeu_si256((__m256i *)(out[r] + 16 * c), packed);
-        }
+        for (int c = 0; c < NV; c++) ds_store16(out[r], 16 * c, _mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv[r])), 1);
 }
 
 /* The generic (slower) form for any Dv % 16 == 0: one row, the value columns in chunks of 8 vectors. */
@@ -123,11 +121,7 @@ static void probs_times_values_any(const uint16_t *probs, const uint32_t *vp, in
             for (int c = 0; c < nv; c++)
                 acc[c] = _mm512_dpbf16_ps(acc[c], pr, (__m512bh)_mm512_loadu_si512(vp + t * Dv + c0 + 16 * c));
         }
-        for (int c = 0; c < nv; c++) {
-            __m512 o = ds_round16_bf16(_mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
-            __m256i packed = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(o), 16));
-            _mm256_storeu_si256((__m256i *)(out + c0 + 16 * c), packed);
-        }
+        for (int c = 0; c < nv; c++) ds_store16(out, c0 + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)), 1);
     }
 }
 
@@ -157,70 +151,21 @@ static void attend_rows(const uint16_t *q, int64_t q_s, const uint32_t *kp, cons
     for (int r = 0; r < rows; r++) {
         float *s = scores + r * stride;
         inv[r] = softmax_row(s, i0 + r + 1, blocks * KBLOCK, scale);
-        for (int64_t j = 0; j < blocks * KBLOCK; j += 16)
-            _mm256_storeu_si256((__m256i *)(probs + r * stride + j),
-                                _mm512_cvtepi32_epi16(_mm512_srli_epi32(
-                                    _mm512_castps_si512(ds_round16_bf16(_mm512_loadu_ps(s + j))), 16)));
+        for (int64_t j = 0; j < blocks * KBLOCK; j += 16) ds_store16(probs, r * stride + j, _mm512_loadu_ps(s + j), 1);
     }
     int64_t pairs_k = blocks * KBLOCK / 2;
     uint16_t *orow[QROWS];
     for (int r = 0; r < rows; r++) orow[r] = out + (i0 + r) * o_s;
     int64_t r = 0;
     if (Dv == 64) {
-        for (; r + 4 <= rows; r += 4) probs_times_values(probs + r * stride, stride, vp, pairs_k, Dv, inv + r, orow + r, 4, 4);
+        for (; r + 4 <= rows; r += 4)
+            probs_times_values(probs + r * stride, stride, vp, pairs_k, Dv, inv + r, orow + r, 4, 4);
     } else if (Dv == 128) {
-        for (; r + 2 <= rows; r += 2) probs_times_values(probs + r * stride, stride, vp, pairs_k, Dv, inv + r, orow + r, 2, 8);
+        for (; r + 2 <= rows; r += 2)
+            probs_times_values(probs + r * stride, stride, vp, pairs_k, Dv, inv + r, orow + r, 2, 8);
     }
     for (; r < rows; r++) probs_times_values_any(probs + r * stride, vp, pairs_k, Dv, inv[r], orow[r]);
 }
-
-int ds_causal_attn_bf16(const uint16_t *q, int64_t q_b, int64_t q_h, int64_t q_s, const uint16_t *k, int64_t k_b,
-                        int64_t k_h, int64_t k_s, const uint16_t *v, int64_t v_b, int64_t v_h, int64_t v_s,
-                        uint16_t *out, int64_t o_b, int64_t o_h, int64_t o_s, int64_t B, int64_t H, int64_t KVH,
-                        int64_t S, int64_t D, int64_t Dv, float scale, int nthreads) {
-    if (B < 1 || S < 1 || KVH < 1 || H % KVH != 0 || D < 2 || D % 2 != 0 || Dv % 16 != 0 || Dv < 16 || Dv > MAX_DV)
-        return -1;
-    int64_t S_pad = (S + KBLOCK - 1) / KBLOCK * KBLOCK;
-    int64_t k_elems = S_pad * D / 2, v_elems = S_pad / 2 * Dv;
-    uint32_t *packed = malloc((size_t)(B * KVH) * (size_t)(k_elems + v_elems) * sizeof(uint32_t));
-    if (packed == NULL) return -1;
-    if (nthreads < 1) nthreads = 1;
-    int failed = 0;
-#pragma omp parallel num_threads(nthreads)
-    {
-#pragma omp for schedule(static)
-        for (int64_t bg = 0; bg < B * KVH; bg++) {
-            int64_t b = bg / KVH, g = bg % KVH;
-            uint32_t *kp = packed + bg * (k_elems + v_elems);
-            pack_kv(k + b * k_b + g * k_h, k_s, v + b * v_b + g * v_h, v_s, S, S_pad, D, Dv, kp, kp + k_elems);
-        }
-        int64_t stride = S_pad;
-        float *scores = malloc((size_t)(QROWS * stride) * sizeof(float));
-        uint16_t *probs = aligned_alloc(64, (size_t)((QROWS * stride * 2 + 63) / 64 * 64));
-        if (scores == NULL || probs == NULL) {
-#pragma omp atomic write
-            failed = 1;
-        }
-        int64_t tiles = (S + QROWS - 1) / QROWS;
-        int64_t heads_per_kv = H / KVH;
-#pragma omp for schedule(dynamic, 4)
-        for (int64_t task = 0; task < B * H * tiles; task++) {
-            if (scores == NULL || probs == NULL) continue;
-            /* Longest rows first: the last tiles of a head cost the most. */
-            int64_t tile = tiles - 1 - task % tiles, bh = task / tiles;
-            int64_t b = bh / H, h = bh % H, g = h / heads_per_kv;
-            const uint32_t *kp = packed + (b * KVH + g) * (k_elems + v_elems);
-            int64_t i0 = tile * QROWS, rows = S - i0 < QROWS ? S - i0 : QROWS;
-            attend_rows(q + b * q_b + h * q_h, q_s, kp, kp + k_elems, out + b * o_b + h * o_h, o_s, i0, rows, D,
-                        Dv, scale, scores, probs, stride);
-        }
-        free(scores);
-        free(probs);
-    }
-    free(packed);
-    return failed ? -1 : 0;
-}
-
 
 /* ---- float32: the same tiling with FMAs (keys packed as [S_pad / 16][D][16]; values read in place) ---- */
 
@@ -244,11 +189,12 @@ static inline __attribute__((always_inline)) void probs_times_values_f32(
         const float *vrow = v + j * v_s;
         for (int c = 0; c < NV; c++) {
             __m512 vv = _mm512_loadu_ps(vrow + 16 * c);
-            for (int r = 0; r < ROWS; r++) acc[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(probs[r * probs_stride + j]), vv, acc[r][c]);
+            for (int r = 0; r < ROWS; r++)
+                acc[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(probs[r * probs_stride + j]), vv, acc[r][c]);
         }
     }
     for (int r = 0; r < ROWS; r++)
-        for (int c = 0; c < NV; c++) _mm512_storeu_ps(out[r] + 16 * c, _mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv[r])));
+        for (int c = 0; c < NV; c++) ds_store16(out[r], 16 * c, _mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv[r])), 0);
 }
 
 static void attend_rows_f32(const float *q, int64_t q_s, const float *kp, const float *v, int64_t v_s, float *out,
@@ -274,9 +220,11 @@ static void attend_rows_f32(const float *q, int64_t q_s, const float *kp, const 
     for (int r = 0; r < rows; r++) orow[r] = out + (i0 + r) * o_s;
     int64_t r = 0;
     if (Dv == 64) {
-        for (; r + 4 <= rows; r += 4) probs_times_values_f32(scores + r * stride, stride, v, v_s, kend, inv + r, orow + r, 4, 4);
+        for (; r + 4 <= rows; r += 4)
+            probs_times_values_f32(scores + r * stride, stride, v, v_s, kend, inv + r, orow + r, 4, 4);
     } else if (Dv == 128) {
-        for (; r + 2 <= rows; r += 2) probs_times_values_f32(scores + r * stride, stride, v, v_s, kend, inv + r, orow + r, 2, 8);
+        for (; r + 2 <= rows; r += 2)
+            probs_times_values_f32(scores + r * stride, stride, v, v_s, kend, inv + r, orow + r, 2, 8);
     }
     for (; r < rows; r++)
         for (int64_t c0 = 0; c0 < Dv; c0 += 16) {
@@ -287,24 +235,40 @@ static void attend_rows_f32(const float *q, int64_t q_s, const float *kp, const 
         }
 }
 
-int ds_causal_attn_f32(const float *q, int64_t q_b, int64_t q_h, int64_t q_s, const float *k, int64_t k_b, int64_t k_h,
-                       int64_t k_s, const float *v, int64_t v_b, int64_t v_h, int64_t v_s, float *out, int64_t o_b,
-                       int64_t o_h, int64_t o_s, int64_t B, int64_t H, int64_t KVH, int64_t S, int64_t D, int64_t Dv,
-                       float scale, int nthreads) {
-    if (B < 1 || S < 1 || KVH < 1 || H % KVH != 0 || D < 1 || Dv % 16 != 0 || Dv < 16 || Dv > MAX_DV) return -1;
+/* Pack each (b, kv head)'s keys (and bfloat16 values), then every task of QROWS query rows of one head, longest
+ * rows first (the last tiles of a head cost the most); `bf16` (a constant at each call) picks the dtype. */
+static inline __attribute__((always_inline)) int causal_attn(
+    const void *q, int64_t q_b, int64_t q_h, int64_t q_s, const void *k, int64_t k_b, int64_t k_h, int64_t k_s,
+    const void *v, int64_t v_b, int64_t v_h, int64_t v_s, void *out, int64_t o_b, int64_t o_h, int64_t o_s,
+    int64_t B, int64_t H, int64_t KVH, int64_t S, int64_t D, int64_t Dv, float scale, int nthreads, const int bf16) {
+    if (B < 1 || S < 1 || KVH < 1 || H % KVH != 0 || D < 1 || (bf16 && D % 2 != 0) || Dv % 16 != 0 || Dv < 16 ||
+        Dv > MAX_DV)
+        return -1;
+    const int64_t size = bf16 ? 2 : 4; /* bytes per element of q, k, v and out */
     int64_t S_pad = (S + KBLOCK - 1) / KBLOCK * KBLOCK;
-    int64_t k_elems = S_pad * D;
-    float *packed = malloc((size_t)(B * KVH) * (size_t)k_elems * sizeof(float));
+    /* 32-bit units per (b, kv head): keys (bfloat16 pairs or floats), then bfloat16 value pairs */
+    int64_t k_elems = bf16 ? S_pad * D / 2 : S_pad * D, v_elems = bf16 ? S_pad / 2 * Dv : 0;
+    uint32_t *packed = malloc((size_t)(B * KVH) * (size_t)(k_elems + v_elems) * sizeof(uint32_t));
     if (packed == NULL) return -1;
     if (nthreads < 1) nthreads = 1;
     int failed = 0;
+#define DS_AT(base, offset) ((const char *)(base) + (offset) * size)
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(static)
-        for (int64_t bg = 0; bg < B * KVH; bg++)
-            pack_k_f32(k + (bg / KVH) * k_b + (bg % KVH) * k_h, k_s, S, S_pad, D, packed + bg * k_elems);
+        for (int64_t bg = 0; bg < B * KVH; bg++) {
+            int64_t b = bg / KVH, g = bg % KVH;
+            uint32_t *kp = packed + bg * (k_elems + v_elems);
+            if (bf16)
+                pack_kv((const uint16_t *)DS_AT(k, b * k_b + g * k_h), k_s,
+                        (const uint16_t *)DS_AT(v, b * v_b + g * v_h), v_s, S, S_pad, D, Dv, kp, kp + k_elems);
+            else
+                pack_k_f32((const float *)DS_AT(k, b * k_b + g * k_h), k_s, S, S_pad, D, (float *)kp);
+        }
         float *scores = malloc((size_t)(QROWS * S_pad) * sizeof(float));
-        if (scores == NULL) {
+        uint16_t *probs = bf16 ? aligned_alloc(64, (size_t)((QROWS * S_pad * 2 + 63) / 64 * 64)) : NULL;
+        int ready = scores != NULL && (!bf16 || probs != NULL);
+        if (!ready) {
 #pragma omp atomic write
             failed = 1;
         }
@@ -312,39 +276,46 @@ int ds_causal_attn_f32(const float *q, int64_t q_b, int64_t q_h, int64_t q_s, co
         int64_t heads_per_kv = H / KVH;
 #pragma omp for schedule(dynamic, 4)
         for (int64_t task = 0; task < B * H * tiles; task++) {
-            if (scores == NULL) continue;
+            if (!ready) continue;
             int64_t tile = tiles - 1 - task % tiles, bh = task / tiles;
             int64_t b = bh / H, h = bh % H, g = h / heads_per_kv;
+            const uint32_t *kp = packed + (b * KVH + g) * (k_elems + v_elems);
             int64_t i0 = tile * QROWS, rows = S - i0 < QROWS ? S - i0 : QROWS;
-            attend_rows_f32(q + b * q_b + h * q_h, q_s, packed + (b * KVH + g) * k_elems, v + b * v_b + g * v_h, v_s,
-                            out + b * o_b + h * o_h, o_s, i0, rows, D, Dv, scale, scores, S_pad);
+            const void *qh = DS_AT(q, b * q_b + h * q_h);
+            void *oh = (void *)DS_AT(out, b * o_b + h * o_h);
+            if (bf16)
+                attend_rows(qh, q_s, kp, kp + k_elems, oh, o_s, i0, rows, D, Dv, scale, scores, probs, S_pad);
+            else
+                attend_rows_f32(qh, q_s, (const float *)kp, (const float *)DS_AT(v, b * v_b + g * v_h), v_s, oh, o_s,
+                                i0, rows, D, Dv, scale, scores, S_pad);
         }
         free(scores);
+        free(probs);
     }
+#undef DS_AT
     free(packed);
     return failed ? -1 : 0;
 }
-
+#define DS_CAUSAL(BF16) \
+    causal_attn(q, q_b, q_h, q_s, k, k_b, k_h, k_s, v, v_b, v_h, v_s, out, o_b, o_h, o_s, B, H, KVH, S, D, Dv, scale, \
+                nthreads, BF16)
 #else
-
-int ds_causal_attn_bf16(const uint16_t *q, int64_t q_b, int64_t q_h, int64_t q_s, const uint16_t *k, int64_t k_b,
-                        int64_t k_h, int64_t k_s, const uint16_t *v, int64_t v_b, int64_t v_h, int64_t v_s,
-                        uint16_t *out, int64_t o_b, int64_t o_h, int64_t o_s, int64_t B, int64_t H, int64_t KVH,
-                        int64_t S, int64_t D, int64_t Dv, float scale, int nthreads) {
-    (void)q, (void)q_b, (void)q_h, (void)q_s, (void)k, (void)k_b, (void)k_h, (void)k_s, (void)v, (void)v_b;
-    (void)v_h, (void)v_s, (void)out, (void)o_b, (void)o_h, (void)o_s, (void)B, (void)H, (void)KVH, (void)S;
-    (void)D, (void)Dv, (void)scale, (void)nthreads;
-    return -1;
-}
+#define DS_CAUSAL(BF16)                                                                                           \
+    ((void)q, (void)q_b, (void)q_h, (void)q_s, (void)k, (void)k_b, (void)k_h, (void)k_s, (void)v, (void)v_b,     \
+     (void)v_h, (void)v_s, (void)out, (void)o_b, (void)o_h, (void)o_s, (void)B, (void)H, (void)KVH, (void)S,     \
+     (void)D, (void)Dv, (void)scale, (void)nthreads, -1)
+#endif
 
 int ds_causal_attn_f32(const float *q, int64_t q_b, int64_t q_h, int64_t q_s, const float *k, int64_t k_b, int64_t k_h,
                        int64_t k_s, const float *v, int64_t v_b, int64_t v_h, int64_t v_s, float *out, int64_t o_b,
                        int64_t o_h, int64_t o_s, int64_t B, int64_t H, int64_t KVH, int64_t S, int64_t D, int64_t Dv,
                        float scale, int nthreads) {
-    (void)q, (void)q_b, (void)q_h, (void)q_s, (void)k, (void)k_b, (void)k_h, (void)k_s, (void)v, (void)v_b;
-    (void)v_h, (void)v_s, (void)out, (void)o_b, (void)o_h, (void)o_s, (void)B, (void)H, (void)KVH, (void)S;
-    (void)D, (void)Dv, (void)scale, (void)nthreads;
-    return -1;
+    return DS_CAUSAL(0);
 }
 
-#endif
+int ds_causal_attn_bf16(const uint16_t *q, int64_t q_b, int64_t q_h, int64_t q_s, const uint16_t *k, int64_t k_b,
+                        int64_t k_h, int64_t k_s, const uint16_t *v, int64_t v_b, int64_t v_h, int64_t v_s,
+                        uint16_t *out, int64_t o_b, int64_t o_h, int64_t o_s, int64_t B, int64_t H, int64_t KVH,
+                        int64_t S, int64_t D, int64_t Dv, float scale, int nthreads) {
+    return DS_CAUSAL(1);
+}

@@ -32,12 +32,11 @@
 static inline __attribute__((always_inline)) void head_attention(
     const void *q, const void *k, int64_t k_row_stride, const void *v, int64_t v_row_stride, int64_t L,
     int64_t D, int64_t Dv, float scale, float *scores, float *result, const int bf16) {
-#define DS_LOAD(base, off) \
-    (bf16 ? ds_load16_bf16((const uint16_t *)(base) + (off)) : _mm512_loadu_ps((const float *)(base) + (off)))
     float best = -INFINITY;
     for (int64_t l = 0; l < L; l++) {
         __m512 dot = _mm512_setzero_ps();
-        for (int64_t d = 0; d < D; d += 16) dot = _mm512_fmadd_ps(DS_LOAD(q, d), DS_LOAD(k, l * k_row_stride + d), dot);
+        for (int64_t d = 0; d < D; d += 16)
+            dot = _mm512_fmadd_ps(ds_load16(q, d, bf16), ds_load16(k, l * k_row_stride + d, bf16), dot);
         scores[l] = _mm512_reduce_add_ps(dot) * scale;
         if (scores[l] > best) best = scores[l];
     }
@@ -51,11 +50,11 @@ static inline __attribute__((always_inline)) void head_attention(
     for (int64_t j = 0; j < nv; j++) acc[j] = _mm512_setzero_ps();
     for (int64_t l = 0; l < L; l++) {
         __m512 p = _mm512_set1_ps(scores[l]);
-        for (int64_t j = 0; j < nv; j++) acc[j] = _mm512_fmadd_ps(p, DS_LOAD(v, l * v_row_stride + 16 * j), acc[j]);
+        for (int64_t j = 0; j < nv; j++)
+            acc[j] = _mm512_fmadd_ps(p, ds_load16(v, l * v_row_stride + 16 * j, bf16), acc[j]);
     }
     __m512 inv = _mm512_set1_ps(1.f / total);
     for (int64_t j = 0; j < nv; j++) _mm512_storeu_ps(result + 16 * j, _mm512_mul_ps(acc[j], inv));
-#undef DS_LOAD
 }
 
 static int attn_args_ok(int64_t H, int64_t KVH, int64_t L, int64_t D, int64_t Dv) {

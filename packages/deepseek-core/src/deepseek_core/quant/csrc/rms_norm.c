@@ -24,8 +24,6 @@
 static inline __attribute__((always_inline)) int norm_rows(const void *x, int64_t x_stride, const void *w, void *out,
                                                            int64_t M, int64_t D, float eps, int nthreads,
                                                            const int bf16) {
-#define DS_NORM_LOAD(base, i) \
-    (bf16 ? ds_load16_bf16((const uint16_t *)(base) + (i)) : _mm512_loadu_ps((const float *)(base) + (i)))
     if (D % 16 != 0) return -1;
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (M * D >= DS_NORM_PARALLEL_MIN)
@@ -33,28 +31,22 @@ static inline __attribute__((always_inline)) int norm_rows(const void *x, int64_
         int64_t row = m * x_stride;
         __m512 acc = _mm512_setzero_ps();
         for (int64_t d = 0; d < D; d += 16) {
-            __m512 v = DS_NORM_LOAD(x, row + d);
+            __m512 v = ds_load16(x, row + d, bf16);
             acc = _mm512_fmadd_ps(v, v, acc);
         }
         __m512 r = _mm512_set1_ps(1.f / sqrtf(_mm512_reduce_add_ps(acc) / (float)D + eps));
         for (int64_t d = 0; d < D; d += 16) {
-            __m512 normed = _mm512_mul_ps(DS_NORM_LOAD(x, row + d), r);
-            if (bf16) {
-                __m512 y = ds_round16_bf16(_mm512_mul_ps(DS_NORM_LOAD(w, d), ds_round16_bf16(normed)));
-                /* the upper halves of the rounded float32 lanes are the bfloat16 values */
-                _mm256_storeu_si256((__m256i *)((uint16_t *)out + m * D + d),
-                                    _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(y), 16)));
-            } else {
-                _mm512_storeu_ps((float *)out + m * D + d, _mm512_mul_ps(DS_NORM_LOAD(w, d), normed));
-            }
+            __m512 normed = _mm512_mul_ps(ds_load16(x, row + d, bf16), r);
+            if (bf16) normed = ds_round16_bf16(normed); /* as the module rounds before the weight's product */
+            ds_store16(out, m * D + d, _mm512_mul_ps(ds_load16(w, d, bf16), normed), bf16);
         }
     }
     return 0;
-#undef DS_NORM_LOAD
 }
 #define DS_NORM_ROWS(BF16) norm_rows(x, x_stride, w, out, M, D, eps, nthreads, BF16)
 #else
-#define DS_NORM_ROWS(BF16) ((void)x, (void)x_stride, (void)w, (void)out, (void)M, (void)D, (void)eps, (void)nthreads, -1)
+#define DS_NORM_ROWS(BF16) \
+    ((void)x, (void)x_stride, (void)w, (void)out, (void)M, (void)D, (void)eps, (void)nthreads, -1)
 #endif
 
 int ds_rms_norm_f32(const float *x, int64_t x_stride, const float *w, float *out, int64_t M, int64_t D, float eps,
