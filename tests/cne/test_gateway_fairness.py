@@ -1,10 +1,15 @@
 """Fair scheduling, behaviourally: while tenant `flood` keeps 40 streaming requests open on a shared model,
-every request of tenant `victim` completes, and victim's p99 time to first token stays within 2x of its p99
+every request of tenant `victim` completes, and victim's p99 time to first token stays close to its p99
 without the flood, both measured in this run on the same gateway and model.
 
 Phases alternate (victim alone, victim under the flood, three times each) so that both samples see the same
 background load of the machine. The flood runs in its own process at a slightly lower CPU priority: on a small
 test machine its client work would otherwise compete with the server for the CPU, which is not what is tested.
+
+Two bounds on the same experiment: CI checks every invariant and that victim p99 stays within 4x (a guard
+against starvation and against latency leaking from one tenant to another: queueing behind the flood would
+cost it hundreds of milliseconds); issue 8's own goal, 2x, is the `slow` test, not yet met reliably on a
+2-core machine.
 """
 
 from __future__ import annotations
@@ -100,22 +105,33 @@ def _p99(samples: list[float]) -> float:
 
 
 ATTEMPTS = 3  # latency on a shared 2-core machine is noisy; real starvation fails every attempt
+STARVATION_BOUND = 4.0  # CI: victim p99 under the flood over its p99 without it
+GOAL = 2.0  # issue 8
 
 
-# Timing-sensitive, and not yet met reliably: on an idle 2-core machine victim p99 under the flood is 1.8-2.8x its
-# unloaded p99 (median ~2.2x; issue 8). Run it with `nox -s cne -- -m slow`; CI deselects slow tests.
-@pytest.mark.slow
 def test_a_flooding_tenant_does_not_starve_another(gateway: GatewayProcess, tmp_path: Path) -> None:
+    _within(gateway, tmp_path, STARVATION_BOUND)
+
+
+# Timing-sensitive, and not yet met reliably: on an idle 2-core machine victim p99 under the flood is 1.6-2.8x its
+# unloaded p99 (median ~2.1x; issue 8). Run it with `nox -s cne -- -m slow`; CI deselects slow tests.
+@pytest.mark.slow
+def test_victim_p99_ttft_stays_within_2x_under_a_flood(gateway: GatewayProcess, tmp_path: Path) -> None:
+    _within(gateway, tmp_path, GOAL)
+
+
+def _within(gateway: GatewayProcess, tmp_path: Path, bound: float) -> None:
+    """Up to ATTEMPTS flood experiments; passes at the first whose victim p99 ratio is within `bound`."""
     results = []
     for attempt in range(ATTEMPTS):
         workdir = tmp_path / f"attempt-{attempt}"
         workdir.mkdir()
         p99_unloaded, p99_loaded = _measure(gateway, workdir)
         results.append((p99_unloaded, p99_loaded))
-        if p99_loaded <= 2 * p99_unloaded:
+        if p99_loaded <= bound * p99_unloaded:
             return
     raise AssertionError(
-        "victim p99 TTFT under the flood vs without, per attempt (ms): "
+        f"victim p99 TTFT under the flood vs without, per attempt (ms; bound {bound}x): "
         + ", ".join(f"{loaded * 1e3:.1f} vs {unloaded * 1e3:.1f}" for unloaded, loaded in results)
     )
 
