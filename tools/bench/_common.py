@@ -59,7 +59,7 @@ def print_table(rows: list[dict[str, object]]) -> None:
 
 def measured_peak_flops(device: torch.device, dtype: torch.dtype, size: int) -> float:
     """FLOP/s of a size x size matmul in `dtype`, the best of torch's matmul and (on CPU) oneDNN's linear on
-    a prepacked weight: the practical ceiling for this machine."""
+    a prepacked weight and our panel kernel: the practical ceiling for this machine."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     candidates = [lambda: a @ b]
@@ -69,6 +69,11 @@ def measured_peak_flops(device: torch.device, dtype: torch.dtype, size: int) -> 
         if prepack_available(dtype):
             packed = torch.ops.mkldnn._reorder_linear_weight(b, batch_size=size)
             candidates.append(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
+        from deepseek_core.quant import kernels
+
+        if kernels.native_library() is not None and kernels.panel_takes(b):
+            panels = kernels.pack_panels(b)
+            candidates.append(lambda: kernels.panel_linear(a, panels, size, None))
     repeats = 20 if device.type == "cuda" else 5
     timings = []
     for fn in candidates:

@@ -1,12 +1,14 @@
-"""Prepacked float32 and bfloat16 linear layers for CPU inference (oneDNN).
+"""Prepacked float32 and bfloat16 linear layers for CPU inference.
 
 On CPU, torch's default F.linear is slow for the skinny matrices of decoding (a few rows times a large
-weight): about 12 GB/s of weight reads in float32 on a 2-core EPYC whose memory reads 33 GB/s. oneDNN's
-linear over a weight reordered once into its blocked layout reads it about twice as fast, and is also
-faster for prefill-sized inputs (1.3x at 512 rows, 1.1x at 2048). For up to 4 rows a small native GEMV
-over the unpacked weight (quant/csrc/gemv.c, AVX-512) reads it about 1.5x faster still (24-29 GB/s). The engine keeps
-packed copies of the model's `Linear` weights and routes those layers to them, only inside its own forward
-passes and only on its own thread (model/linear.py): the model itself is not modified. A weight changed in
+weight): about 12 GB/s of weight reads in float32 on a 2-core EPYC whose memory reads 33 GB/s. The engine
+keeps a packed copy of each of the model's `Linear` weights and routes those layers to it, only inside its
+own forward passes and only on its own thread (model/linear.py): the model itself is not modified.
+
+On AVX-512 CPUs the copy is in column panels for the native kernel (quant/csrc/panel_gemm.c): up to about 8
+rows cost what one row costs (bound by reading the weight, 24-29 GB/s), 1.5-2.4x oneDNN's prepacked linear at
+2-16 rows, and it is at least as fast as oneDNN for prefill. Elsewhere the copy is oneDNN's blocked layout,
+which reads about twice as fast as F.linear at decode and is 1.1-1.3x faster for prefill. A weight changed in
 place (its version counter moves) is repacked before its next packed use; a replaced one runs F.linear.
 """
 
@@ -19,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.linear import Linear, LinearRouter, swap_linear_router
+from ..model.mlp import silu_and_mul
+from ..model.moe import ExpertsRouter, RoutedExperts, swap_experts_router
 from ..quant import kernels
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
@@ -44,21 +48,58 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_size=1)
 
 
+def _pack_panels_or_onednn(weight: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(packed copy, True when it is in the native kernel's panels; False: oneDNN's layout)."""
+    if kernels.panel_takes(weight) and kernels.native_library() is not None:
+        return kernels.pack_panels(weight), True
+    return _pack(weight), False
+
+
 @dataclass
 class _Entry:
     weight: torch.Tensor
     version: int  # the weight's version counter when packed
     packed: torch.Tensor
-    gemv: bool  # the native GEMV takes this weight (decided once: dtype, CPU support, shape)
+    panels: bool  # packed for the native panel kernel (else for oneDNN): decided once, by dtype and CPU
+
+
+@dataclass
+class _ExpertsEntry:
+    module: RoutedExperts
+    versions: tuple[int, int]  # gate_up_proj's and down_proj's version counters when packed
+    gate_up: torch.Tensor  # [E, ...]: each expert's weight in panels
+    down: torch.Tensor
+
+
+def _experts_take_panels(module: RoutedExperts) -> bool:
+    gate_up, down = module.gate_up_proj, module.down_proj
+    return (
+        gate_up.dtype == down.dtype
+        and kernels.panel_takes(gate_up[0])
+        and kernels.panel_takes(down[0])
+        and kernels.native_library() is not None
+    )
+
+
+def _pack_experts(module: RoutedExperts) -> _ExpertsEntry:
+    return _ExpertsEntry(
+        module,
+        (module.gate_up_proj._version, module.down_proj._version),
+        torch.stack([kernels.pack_panels(w) for w in module.gate_up_proj.detach()]),
+        torch.stack([kernels.pack_panels(w) for w in module.down_proj.detach()]),
+    )
 
 
 class PackedLinears:
-    """Routes the model's `Linear` calls to oneDNN with prepacked weights while active (this thread only)."""
+    """Routes the model's `Linear` calls to their packed weights while active (this thread only)."""
 
     def __init__(self, model: nn.Module) -> None:
         self._packed: dict[int, _Entry] = {}  # by id(weight)
-        self._previous: list[LinearRouter | None] = []  # routers to restore, one per active `with`
+        self._experts: dict[int, _ExpertsEntry] = {}  # MoE routed experts, by id(module)
+        self._previous: list[tuple[LinearRouter | None, ExpertsRouter | None]] = []  # to restore, per `with`
         for module in model.modules():
+            if isinstance(module, RoutedExperts) and _experts_take_panels(module):
+                self._experts[id(module)] = _pack_experts(module)
             weight = getattr(module, "weight", None)
             if (
                 isinstance(module, Linear)
@@ -66,40 +107,68 @@ class PackedLinears:
                 and weight.dtype in PACKABLE_DTYPES
                 and weight.device.type == "cpu"
             ):
-                self._packed[id(weight)] = _Entry(
-                    weight, weight._version, _pack(weight), kernels.gemv_takes(weight)
-                )
+                self._packed[id(weight)] = _Entry(weight, weight._version, *_pack_panels_or_onednn(weight))
 
     @property
     def num_packed(self) -> int:
-        """Number of weights with a packed copy."""
+        """Number of `Linear` weights with a packed copy."""
         return len(self._packed)
 
     @property
+    def num_packed_experts(self) -> int:
+        """Number of MoE routed-expert modules with a packed copy."""
+        return len(self._experts)
+
+    @property
     def packed_bytes(self) -> int:
-        """Bytes of the packed copies (about the size of the model's linear weights)."""
-        return sum(e.weight.numel() * e.weight.element_size() for e in self._packed.values())
+        """Bytes of the packed copies (about the size of the model's linear and expert weights)."""
+        linears = sum(e.weight.numel() * e.weight.element_size() for e in self._packed.values())
+        return linears + sum(
+            t.numel() * t.element_size() for e in self._experts.values() for t in (e.gate_up, e.down)
+        )
 
     def linear(self, module: Linear, x: torch.Tensor) -> torch.Tensor:
-        """The module's output: the native GEMV for a few rows, else its packed weight (for x's dtype)."""
+        """The module's output from its packed weight (for x's dtype)."""
         weight = module.weight
         entry = self._packed.get(id(weight))
         if (
             entry is None or entry.weight is not weight or x.dtype != weight.dtype
         ):  # replaced, or another dtype
             return F.linear(x, weight, module.bias)
-        rows = x.numel() // x.shape[-1]
-        if entry.gemv and rows <= kernels.GEMV_MAX_ROWS:  # reads the weight itself: nothing to repack
-            return kernels.float_gemv(x.reshape(rows, x.shape[-1]), weight, module.bias).view(
-                *x.shape[:-1], weight.shape[0]
-            )
         if entry.version != weight._version:  # modified in place since packing
-            entry.version, entry.packed = weight._version, _pack(weight)
+            entry.version, entry.packed = weight._version, _pack_panels_or_onednn(weight)[0]
+        if entry.panels:
+            rows = x.numel() // x.shape[-1]
+            out = kernels.panel_linear(
+                x.reshape(rows, x.shape[-1]), entry.packed, weight.shape[0], module.bias
+            )
+            return out.view(*x.shape[:-1], weight.shape[0])
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), entry.packed, module.bias, "none", [], "")
 
+    def experts(
+        self, module: RoutedExperts, inputs: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The routed experts' outputs for `inputs` (sorted by expert, `counts` rows each) from their panels;
+        None (the module computes them itself) when they have none or x has another dtype."""
+        entry = self._experts.get(id(module))
+        if entry is None or entry.module is not module or inputs.dtype != module.gate_up_proj.dtype:
+            return None
+        if entry.versions != (module.gate_up_proj._version, module.down_proj._version):  # changed in place
+            self._experts[id(module)] = entry = _pack_experts(module)
+        offsets = torch.zeros(counts.shape[0] + 1, dtype=torch.int64)
+        torch.cumsum(counts, 0, out=offsets[1:])
+        gate, up = kernels.grouped_panel_linear(
+            inputs, entry.gate_up, offsets, 2 * module.intermediate_size
+        ).chunk(2, dim=-1)
+        return kernels.grouped_panel_linear(
+            silu_and_mul(gate, up), entry.down, offsets, module.down_proj.shape[1]
+        )
+
     def __enter__(self) -> PackedLinears:
-        self._previous.append(swap_linear_router(self.linear))
+        self._previous.append((swap_linear_router(self.linear), swap_experts_router(self.experts)))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        swap_linear_router(self._previous.pop())
+        linear_router, experts_router = self._previous.pop()
+        swap_linear_router(linear_router)
+        swap_experts_router(experts_router)

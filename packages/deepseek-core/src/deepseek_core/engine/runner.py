@@ -414,10 +414,11 @@ class ModelRunner:
         self.decode_backend = decode_backend
         self.static: StaticDecode | None = None  # fixed-shape decode steps (CUDA graphs), when enabled
         self.workspace = Workspace(self.device) if self.device.type == "cpu" else None
-        self.packed: PackedLinears | None = None  # oneDNN-prepacked linears (CPU), when enabled
+        self.packed: PackedLinears | None = None  # packed linears and routed experts (CPU), when enabled
 
     def enable_cpu_prepack(self) -> int:
-        """Route the model's float32/bfloat16 linears to packed weights during engine passes; returns the count."""
+        """Route the model's float32/bfloat16 linears (and MoE routed experts) to packed weights during engine
+        passes; returns the number of packed linears."""
         self.packed = PackedLinears(self.model)
         return self.packed.num_packed
 

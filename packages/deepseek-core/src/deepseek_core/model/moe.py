@@ -8,6 +8,9 @@ Routing:
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +23,19 @@ _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 # Up to this many (token, expert) assignments per expert on average, the native GEMV beats a grouped matmul
 # (tools/bench/forward.py, V2-Lite-shaped layer: 1.2-2.3x at 16-64 tokens, slower from about 10 per expert).
 _GEMV_ROWS_PER_EXPERT = 6
+
+# An inference engine may compute the routed experts from its own packed copy of their weights, on its own
+# thread only (like model/linear.py's router): router(experts, inputs sorted by expert, counts) -> outputs, or
+# None to leave this call to the module.
+ExpertsRouter = Callable[["RoutedExperts", torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+_local = threading.local()
+
+
+def swap_experts_router(router: ExpertsRouter | None) -> ExpertsRouter | None:
+    """Send this thread's routed-expert products to `router` (None: the module's own); returns the previous one."""
+    previous: ExpertsRouter | None = getattr(_local, "router", None)
+    _local.router = router
+    return previous
 
 
 class Router(nn.Module):
@@ -98,7 +114,11 @@ class RoutedExperts(nn.Module):
         token_of = order // top_k  # which token each sorted assignment came from
         counts = torch.bincount(flat_ids, minlength=self.num_experts)
         routed_inputs = hidden_states[token_of]  # [T*k, H], grouped by expert
-        if self._streams_weights(routed_inputs):
+        router: ExpertsRouter | None = getattr(_local, "router", None)
+        routed = router(self, routed_inputs, counts) if router is not None else None
+        if routed is not None:
+            outputs = routed
+        elif self._streams_weights(routed_inputs):
             outputs = self._gemv_loop(routed_inputs, counts)
         elif _HAS_GROUPED_MM and routed_inputs.dtype in (torch.float32, torch.bfloat16):
             offsets = counts.cumsum(0).to(torch.int32)

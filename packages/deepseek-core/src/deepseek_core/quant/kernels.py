@@ -30,7 +30,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "int8_gemm.c"
-# Compiled into the same library: the float GEMV the engine uses for batch-1 decoding (engine/cpu_linear.py).
+# Compiled into the same library: the float GEMV of decode-sized routed-expert calls (model/moe.py).
 GEMV_SOURCE = SOURCE.with_name("gemv.c")
 # And the single-query attention of decode steps (engine/runner.py).
 ATTENTION_SOURCE = SOURCE.with_name("decode_attention.c")
@@ -40,7 +40,17 @@ NORM_SOURCE = SOURCE.with_name("rms_norm.c")
 CAUSAL_SOURCE = SOURCE.with_name("causal_attention.c")
 # And the fused rotary embedding and SwiGLU gate of forward passes (model/rope.py, model/mlp.py).
 ELEMENTWISE_SOURCE = SOURCE.with_name("elementwise.c")
-SOURCES = (SOURCE, GEMV_SOURCE, ATTENTION_SOURCE, NORM_SOURCE, CAUSAL_SOURCE, ELEMENTWISE_SOURCE)
+# And the engine's linear layers over weights packed into column panels (engine/cpu_linear.py).
+PANEL_SOURCE = SOURCE.with_name("panel_gemm.c")
+SOURCES = (
+    SOURCE,
+    GEMV_SOURCE,
+    ATTENTION_SOURCE,
+    NORM_SOURCE,
+    CAUSAL_SOURCE,
+    ELEMENTWISE_SOURCE,
+    PANEL_SOURCE,
+)
 # Included by the float kernels (bfloat16 conversions, vector exp); part of the cache key like the sources.
 HEADERS = (SOURCE.with_name("bf16.h"), SOURCE.with_name("vec_math.h"))
 # -ffp-contract=off: no implicit FMA contraction, so the dynamic kernels round exactly like the torch path.
@@ -143,6 +153,14 @@ def native_library() -> ctypes.CDLL | None:
         gemv.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
         gemv.restype = ctypes.c_int
     lib.ds_gemv_isa.restype = ctypes.c_int
+    # (x, x_stride, packed, bias, y, M, N, K, nthreads) -> 0 | -1 (unsupported CPU or shape)
+    for panel in (lib.ds_panel_f32, lib.ds_panel_bf16):
+        panel.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+        panel.restype = ctypes.c_int
+    # (x, x_stride, packed, expert_stride, offsets, E, y, N, K, nthreads) -> 0 | -1
+    for grouped in (lib.ds_panel_grouped_f32, lib.ds_panel_grouped_bf16):
+        grouped.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64, ctypes.c_int]
+        grouped.restype = ctypes.c_int
     # (q, q_head_stride, k, k_head_stride, k_row_stride, v, v_head_stride, v_row_stride, out,
     #  out_head_stride, H, KVH, L, D, Dv, scale, nthreads) -> 0 | -1
     for attn in (lib.ds_decode_attn_f32, lib.ds_decode_attn_bf16):
@@ -346,7 +364,7 @@ class WeightOnlyPlan:
         return out
 
 
-# Rows up to which the native GEMV beats oneDNN's prepacked linear (decode of a few sequences).
+# Rows per call of the native GEMV (a few tokens' assignments to one expert).
 GEMV_MAX_ROWS = 4
 
 
@@ -402,6 +420,96 @@ def float_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     )
     if status != 0:
         raise ValueError(f"float_gemv: the native kernel refused a [{m}, {k}] x [{n}, {k}] {x.dtype} product")
+    return out
+
+
+PANEL_WIDTH = 32  # output channels per packed panel (panel_gemm.c)
+
+
+def panel_takes(weight: torch.Tensor) -> bool:
+    """Whether panel_linear runs this [N, K] weight here: float32 (AVX-512) or bfloat16 (AVX512-BF16, K even),
+    on CPU."""
+    return (
+        weight.dim() == 2
+        and weight.device.type == "cpu"
+        and (weight.dtype != torch.bfloat16 or weight.shape[1] % 2 == 0)
+        and _gemv_isa_covers(weight.dtype)
+    )
+
+
+def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+    """A weight panel_takes() in panel_gemm.c's layout: output channels in zero-padded panels of 32, k-major
+    inside a panel (bfloat16: pairs of k side by side). A new tensor about the weight's size."""
+    n, k = weight.shape
+    padded = -(-n // PANEL_WIDTH) * PANEL_WIDTH
+    w = weight.detach()
+    if padded != n:
+        w = torch.cat([w, w.new_zeros(padded - n, k)])
+    if w.dtype == torch.bfloat16:
+        return w.reshape(padded // PANEL_WIDTH, PANEL_WIDTH, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return w.reshape(padded // PANEL_WIDTH, PANEL_WIDTH, k).transpose(1, 2).contiguous()
+
+
+def panel_linear(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] @ weight[n, K]^T (+ bias) in x's dtype, the weight given as pack_panels(weight).
+
+    Hot path of the engine's linears: the caller has checked the weight (panel_takes) and the dtypes once.
+    """
+    lib = native_library()
+    assert lib is not None
+    fn = lib.ds_panel_f32 if x.dtype == torch.float32 else lib.ds_panel_bf16
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    out = torch.empty((m, n), dtype=x.dtype)
+    status = fn(
+        x.data_ptr(),
+        x.stride(0),
+        packed.data_ptr(),
+        bias.data_ptr() if bias is not None else None,
+        out.data_ptr(),
+        m,
+        n,
+        k,
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise ValueError(
+            f"panel_linear: the native kernel refused a [{m}, {k}] x [{n}, {k}] {x.dtype} product"
+        )
+    return out
+
+
+def grouped_panel_linear(
+    x: torch.Tensor, packed: torch.Tensor, offsets: torch.Tensor, n: int
+) -> torch.Tensor:
+    """Routed experts in one call: rows offsets[e] .. offsets[e + 1] - 1 of x [T, K] through expert e's weight
+    [n, K], given as `packed` [E, ...] (pack_panels of each expert, stacked); offsets int64 [E + 1]. Returns
+    [T, n] in x's dtype. The caller has checked the weights (panel_takes) and the dtypes once."""
+    lib = native_library()
+    assert lib is not None
+    fn = lib.ds_panel_grouped_f32 if x.dtype == torch.float32 else lib.ds_panel_grouped_bf16
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    rows, k = x.shape
+    out = torch.empty((rows, n), dtype=x.dtype)
+    experts = packed.shape[0]
+    status = fn(
+        x.data_ptr(),
+        x.stride(0),
+        packed.data_ptr(),
+        packed[0].numel(),
+        offsets.data_ptr(),
+        experts,
+        out.data_ptr(),
+        n,
+        k,
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise ValueError(
+            f"grouped_panel_linear: the native kernel refused [{rows}, {k}] x {experts} x [{n}, {k}]"
+        )
     return out
 
 

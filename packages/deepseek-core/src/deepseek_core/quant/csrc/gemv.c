@@ -1,4 +1,5 @@
-/* Float GEMV for batch-1 decoding on CPU, compiled with int8_gemm.c by deepseek_core.quant.kernels.
+/* Float GEMV for a few rows on CPU (decode-sized routed-expert calls, model/moe.py), compiled with int8_gemm.c
+ * by deepseek_core.quant.kernels.
  *
  * ds_gemv_f32 / ds_gemv_bf16:  y[m, n] = sum_k x[m, k] * w[n, k]  (+ bias[n]),  M small (1-4 rows)
  *   x [M, K] (row stride x_stride), w [N, K] row-major (the checkpoint layout, no repacking), bias [N],
