@@ -6,10 +6,12 @@
    transformers already runs near it, no implementation of the same FLOPs can be 1.2x faster.
 2. A DeepSeek-V2-Lite-shaped MoE layer (scaled down), against transformers' DeepseekV2 MoE block, with its
    per-expert loop ("eager") and its default grouped_mm implementation. Goal: >= 2x the per-expert loop.
-   Its loop only visits experts that received tokens, so with 2048 tokens both sides run the same GEMM
-   FLOPs; the peak column says how far from the machine's ceiling each side is. A decode-sized call (16 tokens,
-   about 1.5 per expert) is bound by reading the experts' weights instead: there ours streams them through the
-   native GEMV.
+   Ours twice: the module as it is (grouped_mm, or the native GEMV for decode-sized calls), and as the engine
+   runs it on CPU, with the experts' weights packed in panels for the native kernel (quant/csrc/panel_gemm.c).
+   Their loop only visits experts that received tokens, so with 2048 tokens (~190 rows per expert) both sides
+   run the same GEMM FLOPs and the peak column says how far from the machine's ceiling each side is; 256 tokens
+   give ~24 rows per expert, and a decode-sized call (16 tokens, ~1.5 per expert) is bound by reading the
+   experts' weights.
 
     python tools/bench/forward.py [--quick] [--batch 4 --seq 512] [--dtypes float32,bfloat16]
 """
@@ -192,8 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument(
         "--moe-tokens",
-        default="2048,16",
-        help="token counts for the MoE layer (comma-separated): a prefill-sized batch, and a decode-sized one",
+        default="2048,256,16",
+        help="token counts for the MoE layer (comma-separated): prefill-sized, mid-sized and decode-sized calls",
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small shapes, one round: a smoke run")
