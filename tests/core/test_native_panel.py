@@ -170,3 +170,15 @@ def test_engine_runs_moe_experts_through_it(monkeypatch: pytest.MonkeyPatch) -> 
     assert llm.engine.runner.packed is not None and llm.engine.runner.packed.num_packed_experts > 0
     assert [o.token_ids for o in llm.generate(prompts, params)] == expected
     assert calls
+
+
+def test_amx_cpus_keep_onednn_for_bfloat16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPUs with AMX, oneDNN's tile kernels beat vdpbf16ps: bfloat16 weights keep oneDNN's layout there."""
+    _needs(torch.float32)
+    monkeypatch.setattr(cpu_linear, "_amx_available", lambda: True)
+    for dtype, panels in ((torch.float32, True), (torch.bfloat16, False)):
+        if not cpu_linear.prepack_available(dtype):
+            continue
+        packed = cpu_linear.PackedLinears(_moe_block(dtype))
+        assert {e.panels for e in packed._packed.values()} == {panels}
+        assert packed.num_packed_experts == int(panels)

@@ -7,13 +7,15 @@ own forward passes and only on its own thread (model/linear.py): the model itsel
 
 On AVX-512 CPUs the copy is in column panels for the native kernel (quant/csrc/panel_gemm.c): up to about 8
 rows cost what one row costs (bound by reading the weight, 24-29 GB/s), 1.5-2.4x oneDNN's prepacked linear at
-2-16 rows, and it is at least as fast as oneDNN for prefill. Elsewhere the copy is oneDNN's blocked layout,
-which reads about twice as fast as F.linear at decode and is 1.1-1.3x faster for prefill. A weight changed in
+2-16 rows, and it is at least as fast as oneDNN for prefill; MoE routed experts are packed the same way.
+Elsewhere (and for bfloat16 on CPUs with AMX, which oneDNN drives) the copy is oneDNN's blocked layout, which
+reads about twice as fast as F.linear at decode and is 1.1-1.3x faster for prefill. A weight changed in
 place (its version counter moves) is repacked before its next packed use; a replaced one runs F.linear.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -48,9 +50,23 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_size=1)
 
 
+@functools.cache
+def _amx_available() -> bool:
+    is_supported = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(is_supported()) if is_supported is not None else False
+
+
+def _panels_preferred(weight: torch.Tensor) -> bool:
+    """Whether the native panel kernel runs this weight here and is the faster choice: everywhere it runs,
+    except bfloat16 on CPUs with AMX, whose tile unit oneDNN uses (several times vdpbf16ps' throughput)."""
+    if not kernels.panel_takes(weight) or kernels.native_library() is None:
+        return False
+    return weight.dtype != torch.bfloat16 or not _amx_available()
+
+
 def _pack_panels_or_onednn(weight: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """(packed copy, True when it is in the native kernel's panels; False: oneDNN's layout)."""
-    if kernels.panel_takes(weight) and kernels.native_library() is not None:
+    if _panels_preferred(weight):
         return kernels.pack_panels(weight), True
     return _pack(weight), False
 
@@ -73,12 +89,7 @@ class _ExpertsEntry:
 
 def _experts_take_panels(module: RoutedExperts) -> bool:
     gate_up, down = module.gate_up_proj, module.down_proj
-    return (
-        gate_up.dtype == down.dtype
-        and kernels.panel_takes(gate_up[0])
-        and kernels.panel_takes(down[0])
-        and kernels.native_library() is not None
-    )
+    return gate_up.dtype == down.dtype and _panels_preferred(gate_up[0]) and _panels_preferred(down[0])
 
 
 def _pack_experts(module: RoutedExperts) -> _ExpertsEntry:
