@@ -139,6 +139,36 @@ def _stream_error(call: _Call, exc: Exception) -> bytes:
     return sse(error_body(500, f"generation failed: {type(exc).__name__}", code="internal_error"))
 
 
+def _chunk_builder(
+    request_id: str, object_name: str, created: int, model: str, include_usage: bool
+) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    """A streaming chunk's body around `choices` (with `usage: null` when the client asked for usage)."""
+
+    def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "id": request_id,
+            "object": object_name,
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "system_fingerprint": None,
+        }
+        if include_usage:
+            body["usage"] = None
+        return body
+
+    return chunk
+
+
+def _usage_chunk(
+    chunk: Callable[[list[dict[str, Any]]], dict[str, Any]], prompt_tokens: int, states: list[SequenceState]
+) -> bytes:
+    """The final chunk of a stream whose client asked for usage: no choices, the request's token counts."""
+    final = chunk([])
+    final["usage"] = usage(prompt_tokens, sum(len(s.token_ids) for s in states))
+    return sse(final)
+
+
 # ---------------------------------------------------------------------------------------------- completions
 async def create_completion(ctx: ServingContext, req: CompletionRequest, request: Request) -> Response:
     """POST /v1/completions."""
@@ -203,19 +233,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, request
         return await _answer(request, call, build, request_id)
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-    def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "id": request_id,
-            "object": "text_completion",
-            "created": created,
-            "model": req.model,
-            "choices": choices,
-            "system_fingerprint": None,
-        }
-        if include_usage:
-            body["usage"] = None
-        return body
+    chunk = _chunk_builder(request_id, "text_completion", created, req.model, include_usage)
 
     async def chunks() -> AsyncGenerator[bytes, None]:
         try:
@@ -254,11 +272,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, request
                         )
                     )
             if include_usage:
-                final = chunk([])
-                final["usage"] = usage(
-                    record.prompt_tokens, sum(len(s.token_ids) for s in call.runner.states)
-                )
-                yield sse(final)
+                yield _usage_chunk(chunk, record.prompt_tokens, call.runner.states)
         except Exception as exc:
             yield _stream_error(call, exc)
         yield SSE_DONE
@@ -312,19 +326,7 @@ async def create_chat_completion(
         return await _answer(request, call, build, request_id)
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-    def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "id": request_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": req.model,
-            "choices": choices,
-            "system_fingerprint": None,
-        }
-        if include_usage:
-            body["usage"] = None
-        return body
+    chunk = _chunk_builder(request_id, "chat.completion.chunk", created, req.model, include_usage)
 
     async def chunks() -> AsyncGenerator[bytes, None]:
         try:
@@ -362,11 +364,7 @@ async def create_chat_completion(
                         )
                     )
             if include_usage:
-                final = chunk([])
-                final["usage"] = usage(
-                    record.prompt_tokens, sum(len(s.token_ids) for s in call.runner.states)
-                )
-                yield sse(final)
+                yield _usage_chunk(chunk, record.prompt_tokens, call.runner.states)
         except Exception as exc:
             yield _stream_error(call, exc)
         yield SSE_DONE
