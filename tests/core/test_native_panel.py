@@ -182,3 +182,49 @@ def test_amx_cpus_keep_onednn_for_bfloat16(monkeypatch: pytest.MonkeyPatch) -> N
         packed = cpu_linear.PackedLinears(_moe_block(dtype))
         assert {e.panels for e in packed._packed.values()} == {panels}
         assert packed.num_packed_experts == int(panels)
+
+
+def test_background_packing_serves_meanwhile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Packing in the background (what AsyncLLM does): until a weight is packed its layer runs F.linear."""
+    import threading
+
+    _needs(torch.float32)
+    release = threading.Event()
+    original_pack = cpu_linear._Entry.pack
+
+    def held_pack(entry: cpu_linear._Entry) -> None:
+        release.wait(60)
+        original_pack(entry)
+
+    monkeypatch.setattr(cpu_linear._Entry, "pack", held_pack)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_dict(TINY_CONFIGS["deepseek_v2"])).eval()
+    packed = cpu_linear.PackedLinears(model, background=True)  # returns at once
+    assert not packed.wait(0.05)
+    used: list[int] = []
+    original_linear = kernels.panel_linear
+    monkeypatch.setattr(kernels, "panel_linear", lambda *a: used.append(1) or original_linear(*a))
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.inference_mode():
+        expected = model(ids)
+        with packed:
+            assert torch.equal(model(ids), expected) and not used  # the model's own path, unchanged
+        release.set()
+        assert packed.wait(60)
+        with packed:
+            torch.testing.assert_close(model(ids), expected, rtol=1e-4, atol=1e-4)
+    assert used
+
+
+def test_async_engine_packs_in_the_background() -> None:
+    from deepseek_core.engine import AsyncLLM
+
+    _needs(torch.float32)
+    torch.manual_seed(0)
+    engine = AsyncLLM(Transformer(ModelConfig.from_dict(TINY_CONFIGS["llama_gqa"])))
+    try:
+        packed = engine.engine.runner.packed
+        assert packed is not None and packed.wait(60)
+        assert all(e.packed is not None and e.panels for e in packed._packed.values())
+    finally:
+        engine.shutdown()

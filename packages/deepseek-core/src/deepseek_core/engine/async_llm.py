@@ -99,6 +99,8 @@ class AsyncLLM:
             max_model_len=max_model_len,
             cuda_graphs=cuda_graphs,
             cpu_prepack=cpu_prepack,
+            # A server answers at once: its first requests run the model's own path while the weights pack.
+            cpu_prepack_in_background=True,
         )
         self._streams: dict[str, _Stream] = {}
         self._streams_lock = threading.Lock()

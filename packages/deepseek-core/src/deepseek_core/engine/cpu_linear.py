@@ -16,6 +16,8 @@ place (its version counter moves) is repacked before its next packed use; a repl
 from __future__ import annotations
 
 import functools
+import logging
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +30,7 @@ from ..model.moe import ExpertsRouter, RoutedExperts, swap_experts_router
 from ..quant import kernels
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+log = logging.getLogger(__name__)
 
 
 def prepack_available(dtype: torch.dtype) -> bool:
@@ -64,19 +67,16 @@ def _panels_preferred(weight: torch.Tensor) -> bool:
     return weight.dtype != torch.bfloat16 or not _amx_available()
 
 
-def _pack_panels_or_onednn(weight: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """(packed copy, True when it is in the native kernel's panels; False: oneDNN's layout)."""
-    if _panels_preferred(weight):
-        return kernels.pack_panels(weight), True
-    return _pack(weight), False
-
-
 @dataclass
 class _Entry:
     weight: torch.Tensor
-    version: int  # the weight's version counter when packed
-    packed: torch.Tensor
     panels: bool  # packed for the native panel kernel (else for oneDNN): decided once, by dtype and CPU
+    version: int = -1  # the weight's version counter when packed
+    packed: torch.Tensor | None = None  # None until packed (background packing)
+
+    def pack(self) -> None:
+        self.version = self.weight._version  # first: a change during packing shows as a version mismatch
+        self.packed = kernels.pack_panels(self.weight) if self.panels else _pack(self.weight)
 
 
 @dataclass
@@ -102,15 +102,23 @@ def _pack_experts(module: RoutedExperts) -> _ExpertsEntry:
 
 
 class PackedLinears:
-    """Routes the model's `Linear` calls to their packed weights while active (this thread only)."""
+    """Routes the model's `Linear` calls (and MoE routed experts) to packed weights while active (this thread
+    only).
 
-    def __init__(self, model: nn.Module) -> None:
+    background=True packs in a daemon thread instead of in the constructor (a 134M float32 model takes about
+    a quarter of a second): until a weight's copy is ready its layer runs the model's own path, so a server
+    answers its first request without waiting for the packing. `wait()` blocks until everything is packed.
+    """
+
+    def __init__(self, model: nn.Module, background: bool = False) -> None:
         self._packed: dict[int, _Entry] = {}  # by id(weight)
-        self._experts: dict[int, _ExpertsEntry] = {}  # MoE routed experts, by id(module)
-        self._previous: list[tuple[LinearRouter | None, ExpertsRouter | None]] = []  # to restore, per `with`
+        self._experts: dict[int, _ExpertsEntry | None] = {}  # MoE routed experts by id(module); None: pending
+        self._expert_modules: list[RoutedExperts] = []
+        self._previous = threading.local()  # per thread: the routers to restore, one pair per active `with`
         for module in model.modules():
             if isinstance(module, RoutedExperts) and _experts_take_panels(module):
-                self._experts[id(module)] = _pack_experts(module)
+                self._experts[id(module)] = None
+                self._expert_modules.append(module)
             weight = getattr(module, "weight", None)
             if (
                 isinstance(module, Linear)
@@ -118,11 +126,31 @@ class PackedLinears:
                 and weight.dtype in PACKABLE_DTYPES
                 and weight.device.type == "cpu"
             ):
-                self._packed[id(weight)] = _Entry(weight, weight._version, *_pack_panels_or_onednn(weight))
+                self._packed[id(weight)] = _Entry(weight, _panels_preferred(weight))
+        self._ready = threading.Event()
+        if background:
+            threading.Thread(target=self._pack_all, name="deepseek-prepack", daemon=True).start()
+        else:
+            self._pack_all()
+
+    def _pack_all(self) -> None:
+        try:
+            for entry in self._packed.values():
+                entry.pack()
+            for module in self._expert_modules:
+                self._experts[id(module)] = _pack_experts(module)
+        except Exception:  # a layer without its copy keeps the model's own path; nothing is lost
+            log.exception("packing the model's weights for the CPU kernels failed")
+        finally:
+            self._ready.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every weight is packed (or `timeout` seconds); True when done."""
+        return self._ready.wait(timeout)
 
     @property
     def num_packed(self) -> int:
-        """Number of `Linear` weights with a packed copy."""
+        """Number of `Linear` weights with a packed copy (once packed)."""
         return len(self._packed)
 
     @property
@@ -135,7 +163,10 @@ class PackedLinears:
         """Bytes of the packed copies (about the size of the model's linear and expert weights)."""
         linears = sum(e.weight.numel() * e.weight.element_size() for e in self._packed.values())
         return linears + sum(
-            t.numel() * t.element_size() for e in self._experts.values() for t in (e.gate_up, e.down)
+            t.numel() * t.element_size()
+            for e in self._experts.values()
+            if e is not None
+            for t in (e.gate_up, e.down)
         )
 
     def linear(self, module: Linear, x: torch.Tensor) -> torch.Tensor:
@@ -143,24 +174,24 @@ class PackedLinears:
         weight = module.weight
         entry = self._packed.get(id(weight))
         if (
-            entry is None or entry.weight is not weight or x.dtype != weight.dtype
-        ):  # replaced, or another dtype
+            entry is None or entry.weight is not weight or x.dtype != weight.dtype or entry.packed is None
+        ):  # replaced, another dtype, or not packed yet
             return F.linear(x, weight, module.bias)
         if entry.version != weight._version:  # modified in place since packing
-            entry.version, entry.packed = weight._version, _pack_panels_or_onednn(weight)[0]
+            entry.pack()
+        packed = entry.packed
+        assert packed is not None
         if entry.panels:
             rows = x.numel() // x.shape[-1]
-            out = kernels.panel_linear(
-                x.reshape(rows, x.shape[-1]), entry.packed, weight.shape[0], module.bias
-            )
+            out = kernels.panel_linear(x.reshape(rows, x.shape[-1]), packed, weight.shape[0], module.bias)
             return out.view(*x.shape[:-1], weight.shape[0])
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), entry.packed, module.bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, module.bias, "none", [], "")
 
     def experts(
         self, module: RoutedExperts, inputs: torch.Tensor, counts: torch.Tensor
     ) -> torch.Tensor | None:
         """The routed experts' outputs for `inputs` (sorted by expert, `counts` rows each) from their panels;
-        None (the module computes them itself) when they have none or x has another dtype."""
+        None (the module computes them itself) when they have none (yet) or x has another dtype."""
         entry = self._experts.get(id(module))
         if entry is None or entry.module is not module or inputs.dtype != module.gate_up_proj.dtype:
             return None
@@ -176,10 +207,13 @@ class PackedLinears:
         )
 
     def __enter__(self) -> PackedLinears:
-        self._previous.append((swap_linear_router(self.linear), swap_experts_router(self.experts)))
+        stack: list[tuple[LinearRouter | None, ExpertsRouter | None]] = self._previous.__dict__.setdefault(
+            "stack", []
+        )
+        stack.append((swap_linear_router(self.linear), swap_experts_router(self.experts)))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        linear_router, experts_router = self._previous.pop()
+        linear_router, experts_router = self._previous.stack.pop()
         swap_linear_router(linear_router)
         swap_experts_router(experts_router)

@@ -69,6 +69,7 @@ class EngineCore:
         max_model_len: int | None = None,
         cuda_graphs: bool = False,
         cpu_prepack: bool | None = None,
+        cpu_prepack_in_background: bool = False,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -134,7 +135,7 @@ class EngineCore:
                     f"cpu_prepack: needs a float32 or bfloat16 model on CPU, got {dtype} on {device}"
                 )
             if prepack_available(dtype):
-                self.runner.enable_cpu_prepack()
+                self.runner.enable_cpu_prepack(background=cpu_prepack_in_background)
             else:
                 log.warning(
                     f"cpu_prepack: oneDNN {dtype} linear kernels are not available here; using plain linears"

@@ -416,10 +416,10 @@ class ModelRunner:
         self.workspace = Workspace(self.device) if self.device.type == "cpu" else None
         self.packed: PackedLinears | None = None  # packed linears and routed experts (CPU), when enabled
 
-    def enable_cpu_prepack(self) -> int:
+    def enable_cpu_prepack(self, background: bool = False) -> int:
         """Route the model's float32/bfloat16 linears (and MoE routed experts) to packed weights during engine
-        passes; returns the number of packed linears."""
-        self.packed = PackedLinears(self.model)
+        passes (packed in a daemon thread when `background`); returns the number of linears."""
+        self.packed = PackedLinears(self.model, background=background)
         return self.packed.num_packed
 
     def enable_static_decode(
