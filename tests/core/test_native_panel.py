@@ -228,3 +228,23 @@ def test_async_engine_packs_in_the_background() -> None:
         assert all(e.packed is not None and e.panels for e in packed._packed.values())
     finally:
         engine.shutdown()
+
+
+def test_a_failed_background_packing_leaves_the_model_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    _needs(torch.float32)
+
+    def failing_pack(entry: cpu_linear._Entry) -> None:
+        raise MemoryError("no room for the packed copy")
+
+    monkeypatch.setattr(cpu_linear._Entry, "pack", failing_pack)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_dict(TINY_CONFIGS["llama_gqa"])).eval()
+    packed = cpu_linear.PackedLinears(model, background=True)
+    assert packed.wait(60)  # done (and logged), not hung
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.inference_mode():
+        expected = model(ids)
+        with packed:
+            assert torch.equal(model(ids), expected)
+    with pytest.raises(MemoryError):  # packing in the constructor reports the error to its caller
+        cpu_linear.PackedLinears(model)

@@ -129,7 +129,7 @@ class PackedLinears:
                 self._packed[id(weight)] = _Entry(weight, _panels_preferred(weight))
         self._ready = threading.Event()
         if background:
-            threading.Thread(target=self._pack_all, name="deepseek-prepack", daemon=True).start()
+            threading.Thread(target=self._pack_in_background, name="deepseek-prepack", daemon=True).start()
         else:
             self._pack_all()
 
@@ -139,10 +139,14 @@ class PackedLinears:
                 entry.pack()
             for module in self._expert_modules:
                 self._experts[id(module)] = _pack_experts(module)
-        except Exception:  # a layer without its copy keeps the model's own path; nothing is lost
-            log.exception("packing the model's weights for the CPU kernels failed")
         finally:
             self._ready.set()
+
+    def _pack_in_background(self) -> None:
+        try:
+            self._pack_all()
+        except Exception:  # a layer without its copy keeps the model's own path: the server stays correct
+            log.exception("packing the model's weights for the CPU kernels failed")
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every weight is packed (or `timeout` seconds); True when done."""
