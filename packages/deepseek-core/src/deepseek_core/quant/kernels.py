@@ -394,6 +394,31 @@ def gemv_takes(weight: torch.Tensor) -> bool:
     )
 
 
+def _float_product(
+    name: str, fn: Any, x: torch.Tensor, weight: torch.Tensor, n: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Call a float kernel taking (x, x_stride, weight, bias, y, M, N, K, threads) -> 0 | -1; returns y [M, n]."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    out = torch.empty((m, n), dtype=x.dtype)
+    bias_ptr = bias.data_ptr() if bias is not None else None
+    status = fn(
+        x.data_ptr(),
+        x.stride(0),
+        weight.data_ptr(),
+        bias_ptr,
+        out.data_ptr(),
+        m,
+        n,
+        k,
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise ValueError(f"{name}: the native kernel refused a [{m}, {k}] x [{n}, {k}] {x.dtype} product")
+    return out
+
+
 def float_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] @ weight[N, K]^T (+ bias) in x's dtype, for a weight gemv_takes() and M <= GEMV_MAX_ROWS.
 
@@ -402,25 +427,7 @@ def float_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     lib = native_library()
     assert lib is not None
     fn = lib.ds_gemv_f32 if x.dtype == torch.float32 else lib.ds_gemv_bf16
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    m, k = x.shape
-    n = weight.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype)
-    status = fn(
-        x.data_ptr(),
-        x.stride(0),
-        weight.data_ptr(),
-        bias.data_ptr() if bias is not None else None,
-        out.data_ptr(),
-        m,
-        n,
-        k,
-        torch.get_num_threads(),
-    )
-    if status != 0:
-        raise ValueError(f"float_gemv: the native kernel refused a [{m}, {k}] x [{n}, {k}] {x.dtype} product")
-    return out
+    return _float_product("float_gemv", fn, x, weight, weight.shape[0], bias)
 
 
 PANEL_WIDTH = 32  # output channels per packed panel (panel_gemm.c)
@@ -458,26 +465,7 @@ def panel_linear(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tens
     lib = native_library()
     assert lib is not None
     fn = lib.ds_panel_f32 if x.dtype == torch.float32 else lib.ds_panel_bf16
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    m, k = x.shape
-    out = torch.empty((m, n), dtype=x.dtype)
-    status = fn(
-        x.data_ptr(),
-        x.stride(0),
-        packed.data_ptr(),
-        bias.data_ptr() if bias is not None else None,
-        out.data_ptr(),
-        m,
-        n,
-        k,
-        torch.get_num_threads(),
-    )
-    if status != 0:
-        raise ValueError(
-            f"panel_linear: the native kernel refused a [{m}, {k}] x [{n}, {k}] {x.dtype} product"
-        )
-    return out
+    return _float_product("panel_linear", fn, x, packed, n, bias)
 
 
 def grouped_panel_linear(

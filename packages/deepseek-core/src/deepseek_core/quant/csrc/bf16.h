@@ -1,5 +1,5 @@
 /* bfloat16 <-> float32 helpers shared by the float kernels (gemv.c, decode_attention.c, rms_norm.c,
- * causal_attention.c, elementwise.c).
+ * causal_attention.c, elementwise.c, panel_gemm.c).
  * Rounding is to nearest even, as torch rounds; a NaN stays a (quiet) NaN. */
 #ifndef DS_BF16_H
 #define DS_BF16_H
@@ -19,6 +19,14 @@ static inline uint16_t ds_f32_to_bf16(float f) {
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
+}
+
+/* Two consecutive bfloat16 values as one 32-bit lane, as vdpbf16ps pairs them (no alignment or aliasing
+ * assumptions). */
+static inline int32_t ds_bf16_pair(const uint16_t *p) {
+    int32_t x;
+    __builtin_memcpy(&x, p, 4);
+    return x;
 }
 
 #if defined(__AVX512F__)

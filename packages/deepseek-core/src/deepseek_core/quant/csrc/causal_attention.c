@@ -23,7 +23,6 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "bf16.h"
 #include "vec_math.h"
@@ -34,13 +33,6 @@
 #define QROWS 8     /* query rows per task */
 #define KBLOCK 16   /* keys per score vector */
 #define MAX_DV 512
-
-/* Two consecutive bfloat16 values as one 32-bit lane (memcpy: no alignment or aliasing assumptions). */
-static inline int32_t pair_at(const uint16_t *p) {
-    int32_t x;
-    memcpy(&x, p, 4);
-    return x;
-}
 
 /* Softmax of one row's scores over keys j < valid, in place: s[j] becomes exp(scale * s[j] - max) for j < valid
  * and 0 up to `padded`; returns 1 / their sum. */
@@ -72,7 +64,7 @@ static void pack_kv(const uint16_t *k, int64_t k_s, const uint16_t *v, int64_t v
             int64_t key = blk * KBLOCK + j;
             if (key < S) {
                 const uint16_t *row = k + key * k_s;
-                for (int64_t p = 0; p < pairs; p++) dst[p * KBLOCK + j] = (uint32_t)pair_at(row + 2 * p);
+                for (int64_t p = 0; p < pairs; p++) dst[p * KBLOCK + j] = (uint32_t)ds_bf16_pair(row + 2 * p);
             } else {
                 for (int64_t p = 0; p < pairs; p++) dst[p * KBLOCK + j] = 0;
             }
@@ -99,7 +91,7 @@ static inline __attribute__((always_inline)) void probs_times_values(
         const uint32_t *vrow = vp + t * Dv;
         __m512i pr[4];
         for (int r = 0; r < ROWS; r++)
-            pr[r] = _mm512_set1_epi32(pair_at(probs + r * probs_stride + 2 * t));
+            pr[r] = _mm512_set1_epi32(ds_bf16_pair(probs + r * probs_stride + 2 * t));
         for (int c = 0; c < NV; c++) {
             __m512bh vv = (__m512bh)_mm512_loadu_si512(vrow + 16 * c);
             for (int r = 0; r < ROWS; r++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)pr[r], vv);
@@ -117,7 +109,7 @@ static void probs_times_values_any(const uint16_t *probs, const uint32_t *vp, in
         __m512 acc[8];
         for (int c = 0; c < nv; c++) acc[c] = _mm512_setzero_ps();
         for (int64_t t = 0; t < pairs; t++) {
-            __m512bh pr = (__m512bh)_mm512_set1_epi32(pair_at(probs + 2 * t));
+            __m512bh pr = (__m512bh)_mm512_set1_epi32(ds_bf16_pair(probs + 2 * t));
             for (int c = 0; c < nv; c++)
                 acc[c] = _mm512_dpbf16_ps(acc[c], pr, (__m512bh)_mm512_loadu_si512(vp + t * Dv + c0 + 16 * c));
         }
@@ -142,7 +134,7 @@ static void attend_rows(const uint16_t *q, int64_t q_s, const uint32_t *kp, cons
         for (int64_t p = 0; p < pairs_d; p++) {
             __m512bh kv = (__m512bh)_mm512_loadu_si512(kb + p * KBLOCK);
             for (int r = 0; r < QROWS; r++)
-                acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(pair_at(qrow[r] + 2 * p)), kv);
+                acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(ds_bf16_pair(qrow[r] + 2 * p)), kv);
         }
         for (int r = 0; r < rows; r++) _mm512_storeu_ps(scores + r * stride + blk * KBLOCK, acc[r]);
     }

@@ -79,8 +79,10 @@ static inline __attribute__((always_inline)) void tile_f32(const float *x, int64
     DS_UNROLL for (int m = 0; m < MB; m++) store_f32(y + m * N, lo[m], hi[m], bias, cols);
 }
 
-static void tile_f32_rows(const float *x, int64_t x_stride, const float *panel, int64_t K, int rows,
-                          const float *bias, float *y, int64_t N, int cols) {
+static void tile_f32_rows(const void *xv, int64_t x_stride, const void *panelv, int64_t K, int rows,
+                          const void *biasv, void *yv, int64_t N, int cols) {
+    const float *x = xv, *panel = panelv, *bias = biasv;
+    float *y = yv;
     switch (rows) {
 #define DS_CASE(R) \
     case R: tile_f32(x, x_stride, panel, K, R, bias, y, N, cols); break;
@@ -89,32 +91,10 @@ static void tile_f32_rows(const float *x, int64_t x_stride, const float *panel, 
 #undef DS_CASE
     }
 }
-
-/* All M rows of x through panel p of one weight. */
-static void panel_f32(const float *x, int64_t x_stride, const float *packed, const float *bias, float *y, int64_t M,
-                      int64_t N, int64_t K, int64_t p) {
-    const int64_t n0 = p * DS_PANEL;
-    const int cols = (int)(N - n0 < DS_PANEL ? N - n0 : DS_PANEL);
-    for (int64_t m0 = 0; m0 < M; m0 += DS_TILE_ROWS) {
-        const int rows = (int)(M - m0 < DS_TILE_ROWS ? M - m0 : DS_TILE_ROWS);
-        tile_f32_rows(x + m0 * x_stride, x_stride, packed + p * K * DS_PANEL, K, rows, bias ? bias + n0 : 0,
-                      y + m0 * N + n0, N, cols);
-    }
-}
-#endif
-
-int ds_panel_f32(const float *x, int64_t x_stride, const float *packed, const float *bias, float *y, int64_t M,
-                 int64_t N, int64_t K, int nthreads) {
-#ifdef DS_PANEL_F32
-    const int64_t panels = (N + DS_PANEL - 1) / DS_PANEL;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (N * K >= DS_PANEL_PARALLEL_MIN)
-    for (int64_t p = 0; p < panels; p++) panel_f32(x, x_stride, packed, bias, y, M, N, K, p);
-    return 0;
+#define DS_TILE_F32 tile_f32_rows
 #else
-    (void)x; (void)x_stride; (void)packed; (void)bias; (void)y; (void)M; (void)N; (void)K; (void)nthreads;
-    return -1;
+#define DS_TILE_F32 0
 #endif
-}
 
 #ifdef DS_PANEL_BF16
 /* Adds the bias (if any) to a tile row's two float32 vectors, rounds them to bfloat16 and stores `cols` (<= 32). */
@@ -140,9 +120,7 @@ static inline __attribute__((always_inline)) void tile_bf16(const uint16_t *x, i
         const __m512bh w_lo = (__m512bh)_mm512_loadu_si512(panel + k * DS_PANEL);
         const __m512bh w_hi = (__m512bh)_mm512_loadu_si512(panel + k * DS_PANEL + DS_PANEL);
         DS_UNROLL for (int m = 0; m < MB; m++) {
-            int32_t pair;
-            __builtin_memcpy(&pair, x + m * x_stride + k, sizeof pair);
-            const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+            const __m512bh xb = (__m512bh)_mm512_set1_epi32(ds_bf16_pair(x + m * x_stride + k));
             lo[m] = _mm512_dpbf16_ps(lo[m], xb, w_lo);
             hi[m] = _mm512_dpbf16_ps(hi[m], xb, w_hi);
         }
@@ -150,8 +128,10 @@ static inline __attribute__((always_inline)) void tile_bf16(const uint16_t *x, i
     DS_UNROLL for (int m = 0; m < MB; m++) store_bf16(y + m * N, lo[m], hi[m], bias, cols);
 }
 
-static void tile_bf16_rows(const uint16_t *x, int64_t x_stride, const uint16_t *panel, int64_t K, int rows,
-                           const uint16_t *bias, uint16_t *y, int64_t N, int cols) {
+static void tile_bf16_rows(const void *xv, int64_t x_stride, const void *panelv, int64_t K, int rows,
+                           const void *biasv, void *yv, int64_t N, int cols) {
+    const uint16_t *x = xv, *panel = panelv, *bias = biasv;
+    uint16_t *y = yv;
     switch (rows) {
 #define DS_CASE(R) \
     case R: tile_bf16(x, x_stride, panel, K, R, bias, y, N, cols); break;
@@ -161,67 +141,74 @@ static void tile_bf16_rows(const uint16_t *x, int64_t x_stride, const uint16_t *
     }
 }
 
-static void panel_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *packed, const uint16_t *bias,
-                       uint16_t *y, int64_t M, int64_t N, int64_t K, int64_t p) {
+#define DS_TILE_BF16 tile_bf16_rows
+#else
+#define DS_TILE_BF16 0
+#endif
+
+/* `rows` (<= DS_TILE_ROWS) rows of x through one panel into y (row stride N), `cols` (<= 32) channels valid. */
+typedef void (*ds_tile_fn)(const void *x, int64_t x_stride, const void *panel, int64_t K, int rows,
+                           const void *bias, void *y, int64_t N, int cols);
+
+/* All M rows of x through panel p of one packed weight; pointers in bytes, `elem` bytes per element. */
+static void panel_rows(ds_tile_fn tile, int64_t elem, const char *x, int64_t x_stride, const char *packed,
+                       const char *bias, char *y, int64_t M, int64_t N, int64_t K, int64_t p) {
     const int64_t n0 = p * DS_PANEL;
     const int cols = (int)(N - n0 < DS_PANEL ? N - n0 : DS_PANEL);
     for (int64_t m0 = 0; m0 < M; m0 += DS_TILE_ROWS) {
         const int rows = (int)(M - m0 < DS_TILE_ROWS ? M - m0 : DS_TILE_ROWS);
-        tile_bf16_rows(x + m0 * x_stride, x_stride, packed + p * K * DS_PANEL, K, rows, bias ? bias + n0 : 0,
-                       y + m0 * N + n0, N, cols);
+        tile(x + m0 * x_stride * elem, x_stride, packed + p * K * DS_PANEL * elem, K, rows,
+             bias ? bias + n0 * elem : 0, y + (m0 * N + n0) * elem, N, cols);
     }
 }
-#endif
+
+/* One weight: threads split the panels. -1 when this build has no kernel for the dtype. */
+static int run_panels(ds_tile_fn tile, int64_t elem, const void *x, int64_t x_stride, const void *packed,
+                      const void *bias, void *y, int64_t M, int64_t N, int64_t K, int nthreads) {
+    if (!tile) return -1;
+    const int64_t panels = (N + DS_PANEL - 1) / DS_PANEL;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (N * K >= DS_PANEL_PARALLEL_MIN)
+    for (int64_t p = 0; p < panels; p++) panel_rows(tile, elem, x, x_stride, packed, bias, y, M, N, K, p);
+    return 0;
+}
+
+/* E experts: threads take (expert, panel) pairs as they go, since experts receive different numbers of rows. */
+static int run_grouped(ds_tile_fn tile, int64_t elem, const void *x, int64_t x_stride, const void *packed,
+                       int64_t expert_stride, const int64_t *offsets, int64_t E, void *y, int64_t N, int64_t K,
+                       int nthreads) {
+    if (!tile) return -1;
+    const int64_t panels = (N + DS_PANEL - 1) / DS_PANEL;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int64_t item = 0; item < E * panels; item++) {
+        const int64_t e = item / panels, start = offsets[e], rows = offsets[e + 1] - start;
+        if (rows > 0)
+            panel_rows(tile, elem, (const char *)x + start * x_stride * elem, x_stride,
+                       (const char *)packed + e * expert_stride * elem, 0, (char *)y + start * N * elem, rows, N, K,
+                       item % panels);
+    }
+    return 0;
+}
+
+int ds_panel_f32(const float *x, int64_t x_stride, const float *packed, const float *bias, float *y, int64_t M,
+                 int64_t N, int64_t K, int nthreads) {
+    return run_panels(DS_TILE_F32, sizeof(float), x, x_stride, packed, bias, y, M, N, K, nthreads);
+}
 
 int ds_panel_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *packed, const uint16_t *bias, uint16_t *y,
                   int64_t M, int64_t N, int64_t K, int nthreads) {
-#ifdef DS_PANEL_BF16
-    if (K % 2 != 0) return -1;
-    const int64_t panels = (N + DS_PANEL - 1) / DS_PANEL;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (N * K >= DS_PANEL_PARALLEL_MIN)
-    for (int64_t p = 0; p < panels; p++) panel_bf16(x, x_stride, packed, bias, y, M, N, K, p);
-    return 0;
-#else
-    (void)x; (void)x_stride; (void)packed; (void)bias; (void)y; (void)M; (void)N; (void)K; (void)nthreads;
-    return -1;
-#endif
+    if (K % 2 != 0) return -1; /* the packed layout pairs k */
+    return run_panels(DS_TILE_BF16, sizeof(uint16_t), x, x_stride, packed, bias, y, M, N, K, nthreads);
 }
 
 int ds_panel_grouped_f32(const float *x, int64_t x_stride, const float *packed, int64_t expert_stride,
                          const int64_t *offsets, int64_t E, float *y, int64_t N, int64_t K, int nthreads) {
-#ifdef DS_PANEL_F32
-    const int64_t panels = (N + DS_PANEL - 1) / DS_PANEL;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
-    for (int64_t item = 0; item < E * panels; item++) {
-        const int64_t e = item / panels, start = offsets[e], rows = offsets[e + 1] - start;
-        if (rows > 0)
-            panel_f32(x + start * x_stride, x_stride, packed + e * expert_stride, 0, y + start * N, rows, N, K,
-                      item % panels);
-    }
-    return 0;
-#else
-    (void)x; (void)x_stride; (void)packed; (void)expert_stride; (void)offsets; (void)E; (void)y; (void)N; (void)K;
-    (void)nthreads;
-    return -1;
-#endif
+    return run_grouped(DS_TILE_F32, sizeof(float), x, x_stride, packed, expert_stride, offsets, E, y, N, K,
+                       nthreads);
 }
 
 int ds_panel_grouped_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *packed, int64_t expert_stride,
                           const int64_t *offsets, int64_t E, uint16_t *y, int64_t N, int64_t K, int nthreads) {
-#ifdef DS_PANEL_BF16
     if (K % 2 != 0) return -1;
-    const int64_t panels = (N + DS_PANEL - 1) / DS_PANEL;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
-    for (int64_t item = 0; item < E * panels; item++) {
-        const int64_t e = item / panels, start = offsets[e], rows = offsets[e + 1] - start;
-        if (rows > 0)
-            panel_bf16(x + start * x_stride, x_stride, packed + e * expert_stride, 0, y + start * N, rows, N, K,
-                       item % panels);
-    }
-    return 0;
-#else
-    (void)x; (void)x_stride; (void)packed; (void)expert_stride; (void)offsets; (void)E; (void)y; (void)N; (void)K;
-    (void)nthreads;
-    return -1;
-#endif
+    return run_grouped(DS_TILE_BF16, sizeof(uint16_t), x, x_stride, packed, expert_stride, offsets, E, y, N, K,
+                       nthreads);
 }
