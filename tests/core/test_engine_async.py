@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 import torch
@@ -145,3 +146,32 @@ def test_health_and_shutdown(chain_model):
 
     first, rest = asyncio.run(main())
     assert not first.finished and rest[-1].finish_reason == "abort"
+
+
+def _policy(thread_id: int) -> int:
+    return os.sched_getscheduler(thread_id)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_idle_step_priority_runs_only_the_stepping_thread_at_idle(chain_model):
+    model = chain_model(CHAIN, then="loop")
+    idle = AsyncLLM(
+        model.model, tokenizer=model.tokenizer, max_num_seqs=2, block_size=4, step_priority="idle"
+    )
+    normal = AsyncLLM(model.model, tokenizer=model.tokenizer, max_num_seqs=2, block_size=4)
+    try:
+        # The engine steps (and answers) at idle priority; the caller's thread and the default keep theirs.
+        outs = asyncio.run(_collect(idle, "a", SamplingParams(max_tokens=11, temperature=0.0)))
+        assert outs[-1].text == "é中ж→b"
+        assert _policy(idle._thread.native_id) == os.SCHED_IDLE
+        assert _policy(normal._thread.native_id) == os.SCHED_OTHER
+        assert _policy(0) == os.SCHED_OTHER
+    finally:
+        idle.shutdown()
+        normal.shutdown()
+
+
+def test_a_bad_step_priority_names_the_parameter(chain_model):
+    model = chain_model(CHAIN, then="loop")
+    with pytest.raises(ValueError, match="step_priority: must be one of 'normal', 'idle', got 'high'"):
+        AsyncLLM(model.model, tokenizer=model.tokenizer, step_priority="high")

@@ -58,6 +58,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-num-batched-tokens", type=positive_int, default=None, help="tokens per engine step"
     )
     parser.add_argument("--num-kv-blocks", type=positive_int, default=None, help="KV-cache blocks")
+    parser.add_argument(
+        "--step-priority",
+        choices=["normal", "idle"],
+        default="normal",
+        help="CPU priority of the engine's stepping thread; idle: request handling always goes first (Linux)",
+    )
     parser.add_argument("--audit-log", metavar="FILE", default=None, help="append one JSON line per request")
     parser.add_argument(
         "--audit-log-include-text",
@@ -96,7 +102,8 @@ def build_engine(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return AsyncLLM(args.model, dtype=args.dtype, device=device, **kwargs)
+    step_priority = getattr(args, "step_priority", "normal")
+    return AsyncLLM(args.model, dtype=args.dtype, device=device, step_priority=step_priority, **kwargs)
 
 
 def run_serve(args: argparse.Namespace) -> int:

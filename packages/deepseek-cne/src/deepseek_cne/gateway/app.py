@@ -336,7 +336,13 @@ def create_gateway_app(config: GatewayConfig, log_level: str = "warning") -> Fas
     _remove_stale_runtime_dirs()
     # 0700: only this user reaches the workers' sockets (the workers do not authenticate).
     runtime_dir = Path(tempfile.mkdtemp(prefix=f"{_RUNTIME_PREFIX}{os.getpid()}-"))
-    pool = WorkerPool(config.warm_pool, runtime_dir, config.worker_threads, log_level=log_level)
+    pool = WorkerPool(
+        config.warm_pool,
+        runtime_dir,
+        config.worker_threads,
+        log_level=log_level,
+        engine_priority=config.engine_priority,
+    )
     capacities = {name: spec.max_num_seqs for name, spec in config.models.items()}
     services = Services(
         scheduler=FairScheduler(capacities, config.tenants),

@@ -5,6 +5,7 @@ the file and field at fault.
     port: 8443
     warm_pool: 2                      # idle pre-started workers (torch and the engine already imported)
     worker_threads: 4                 # torch threads per model worker (default: half the CPUs)
+    engine_priority: idle             # CPU priority of the workers' model steps: idle (default) or normal
     audit_log: /var/log/deepseek/audit.jsonl
     tls: {cert: server.crt, key: server.key}
     admin_api_keys: [<sha256 hex>]    # optional: /metrics, /admin/status and /admin/models/{name}/unload
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deepseek_core.engine.priority import STEP_PRIORITIES
 from deepseek_core.errors import ConfigError
 from deepseek_core.storage import is_remote
 
@@ -118,6 +120,10 @@ class GatewayConfig:
     port: int = 8000
     warm_pool: int = 1
     worker_threads: int = field(default_factory=lambda: max(1, (os.cpu_count() or 2) // 2))
+    # idle: a worker's model steps run only when the host's CPUs have nothing else to do, so the gateway and
+    # the workers' request handling never wait behind them (one tenant's flood then barely slows another's
+    # first token); normal: steps compete with them (deepseek_core.engine.priority).
+    engine_priority: str = "idle"
     audit_log: Path | None = None
     audit_log_include_text: bool = False
     tls: TLSConfig | None = None
@@ -327,6 +333,7 @@ def config_from_dict(data: Any, source: str = "cne.yaml", base_dir: Path | None 
             "port",
             "warm_pool",
             "worker_threads",
+            "engine_priority",
             "audit_log",
             "audit_log_include_text",
             "tls",
@@ -399,6 +406,11 @@ def config_from_dict(data: Any, source: str = "cne.yaml", base_dir: Path | None 
                 raise ConfigError(f"{source}: tls.{label}: {p} does not exist")
         tls = TLSConfig(cert=cert, key=key)
     audit = f.string("audit_log")
+    engine_priority = f.string("engine_priority", "idle") or "idle"
+    if engine_priority not in STEP_PRIORITIES:
+        raise ConfigError(
+            f"{source}: engine_priority: must be one of {', '.join(STEP_PRIORITIES)}, got {engine_priority!r}"
+        )
     port = f.integer("port", 8000, 0)
     if port > 65535:
         raise ConfigError(f"{source}: port: must be <= 65535, got {port}")
@@ -409,6 +421,7 @@ def config_from_dict(data: Any, source: str = "cne.yaml", base_dir: Path | None 
         port=port,
         warm_pool=f.integer("warm_pool", 1, 0),
         worker_threads=f.integer("worker_threads", max(1, (os.cpu_count() or 2) // 2), 1),
+        engine_priority=engine_priority,
         audit_log=_path(base, audit) if audit else None,
         audit_log_include_text=f.boolean("audit_log_include_text", False),
         tls=tls,

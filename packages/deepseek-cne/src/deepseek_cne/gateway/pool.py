@@ -126,10 +126,18 @@ class Worker:
 class WorkerPool:
     """Keeps `size` idle warm workers; take() hands one out and starts a replacement."""
 
-    def __init__(self, size: int, runtime_dir: Path, threads: int, log_level: str = "warning") -> None:
+    def __init__(
+        self,
+        size: int,
+        runtime_dir: Path,
+        threads: int,
+        log_level: str = "warning",
+        engine_priority: str = "normal",
+    ) -> None:
         self.size = size
         self.runtime_dir = runtime_dir
         self.threads = threads
+        self.engine_priority = engine_priority
         self.log_level = log_level
         self.idle: list[Worker] = []
         self.starting: set[Worker] = set()
@@ -161,6 +169,8 @@ class WorkerPool:
             str(self.threads),
             "--log-level",
             self.log_level,
+            "--engine-priority",
+            self.engine_priority,
         ]
         threads = str(self.threads)
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}

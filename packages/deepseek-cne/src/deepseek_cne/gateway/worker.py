@@ -1,6 +1,6 @@
 """A model worker: a process the gateway starts ahead of time, which later serves ONE model.
 
-    python -m deepseek_cne.gateway.worker --socket /run/deepseek/w1.sock --threads 4
+    python -m deepseek_cne.gateway.worker --socket /run/deepseek/w1.sock --threads 4 --engine-priority idle
 
 Started warm: it imports torch, the engine and the serving layer, runs a tiny model through the whole request
 path once (so lazy initialisation is paid up front), then listens on a Unix socket. There it answers
@@ -142,7 +142,8 @@ async def _read_body(receive: Any) -> bytes:
 class WorkerApp:
     """ASGI app of a worker: health and load endpoints, then deepseek-core's app for the loaded model."""
 
-    def __init__(self) -> None:
+    def __init__(self, engine_priority: str = "normal") -> None:
+        self.engine_priority = engine_priority
         self.inner: Any = None
         self.model: str | None = None
         self._lifespan: contextlib.AbstractAsyncContextManager[Any] | None = None
@@ -205,6 +206,7 @@ class WorkerApp:
             max_num_batched_tokens=int(options.get("max_num_batched_tokens", 2048)),
             kv_cache_bytes=int(options["kv_cache_bytes"]) if options.get("kv_cache_bytes") else None,
             max_model_len=options.get("max_model_len"),
+            step_priority=self.engine_priority,
         )
         t1 = time.perf_counter()
         threading.Thread(
@@ -237,6 +239,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--socket", required=True, help="Unix socket path to listen on")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument(
+        "--engine-priority",
+        choices=["normal", "idle"],
+        default="normal",
+        help="CPU priority of the model's stepping thread (idle: request handling always goes first)",
+    )
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -258,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gc.freeze()  # everything imported so far is permanent: later collections skip it (shorter GC pauses)
 
     config = uvicorn.Config(
-        WorkerApp(),
+        WorkerApp(args.engine_priority),
         uds=args.socket,
         log_level=args.log_level,
         access_log=False,

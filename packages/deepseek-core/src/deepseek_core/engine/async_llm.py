@@ -7,6 +7,9 @@
     llm.stats()            # EngineStats: running, waiting, kv_cache_usage, ...
     llm.shutdown()
 
+`step_priority="idle"` runs the stepping thread at the CPU's idle priority (Linux), so that on a busy CPU
+server the event loop's request handling always goes first (see engine/priority.py).
+
 Each item of `generate` is one step's delta plus the cumulative fields; the last has finished=True.
 Bad input raises ValueError (naming the parameter) when the iteration starts; nothing else is affected.
 A request that fails while running (NaN/inf logits, a failing detokenizer) raises RequestFailedError from its
@@ -33,6 +36,7 @@ from .errors import RequestFailedError
 from .llm import build_engine
 from .outputs import EngineStats, RequestOutput
 from .params import SamplingParams
+from .priority import apply_step_priority, check_step_priority
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +89,9 @@ class AsyncLLM:
         max_model_len: int | None = None,
         cuda_graphs: bool = False,
         cpu_prepack: bool | None = None,
+        step_priority: str = "normal",
     ) -> None:
+        self.step_priority = check_step_priority(step_priority)
         self.engine: EngineCore = build_engine(
             model_or_dir,
             tokenizer,
@@ -209,6 +215,7 @@ class AsyncLLM:
 
     # ------------------------------------------------------------------ the loop
     def _run(self) -> None:
+        apply_step_priority(self.step_priority)
         while True:
             with self._wakeup:
                 while not self._stopping and not self.engine.has_unfinished_requests():
