@@ -75,7 +75,7 @@ def test_valid_config_and_visibility(model_dir: Path, tmp_path: Path) -> None:
         ({"bogus": 1}, "unknown field(s) bogus"),
         ({"warm_pool": -1}, "warm_pool: must be an integer >= 0"),
         ({"port": 70000}, "port: must be <= 65535"),
-        ({"engine_priority": "high"}, "engine_priority: must be one of normal, idle, got 'high'"),
+        ({"engine_priority": "high"}, "engine_priority: must be one of 'normal', 'idle', got 'high'"),
     ],
 )
 def test_errors_name_the_field(model_dir: Path, change: dict[str, Any], message: str) -> None:

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deepseek_core.engine.priority import STEP_PRIORITIES
+from deepseek_core.engine.priority import check_step_priority
 from deepseek_core.errors import ConfigError
 from deepseek_core.storage import is_remote
 
@@ -407,10 +407,10 @@ def config_from_dict(data: Any, source: str = "cne.yaml", base_dir: Path | None 
         tls = TLSConfig(cert=cert, key=key)
     audit = f.string("audit_log")
     engine_priority = f.string("engine_priority", "idle") or "idle"
-    if engine_priority not in STEP_PRIORITIES:
-        raise ConfigError(
-            f"{source}: engine_priority: must be one of {', '.join(STEP_PRIORITIES)}, got {engine_priority!r}"
-        )
+    try:
+        check_step_priority(engine_priority, f"{source}: engine_priority")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     port = f.integer("port", 8000, 0)
     if port > 65535:
         raise ConfigError(f"{source}: port: must be <= 65535, got {port}")
