@@ -148,10 +148,6 @@ def test_health_and_shutdown(chain_model):
     assert not first.finished and rest[-1].finish_reason == "abort"
 
 
-def _policy(thread_id: int) -> int:
-    return os.sched_getscheduler(thread_id)
-
-
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
 def test_idle_step_priority_runs_only_the_stepping_thread_at_idle(chain_model):
     model = chain_model(CHAIN, then="loop")
@@ -163,9 +159,9 @@ def test_idle_step_priority_runs_only_the_stepping_thread_at_idle(chain_model):
         # The engine steps (and answers) at idle priority; the caller's thread and the default keep theirs.
         outs = asyncio.run(_collect(idle, "a", SamplingParams(max_tokens=11, temperature=0.0)))
         assert outs[-1].text == "é中ж→b"
-        assert _policy(idle._thread.native_id) == os.SCHED_IDLE
-        assert _policy(normal._thread.native_id) == os.SCHED_OTHER
-        assert _policy(0) == os.SCHED_OTHER
+        assert os.sched_getscheduler(idle._thread.native_id) == os.SCHED_IDLE
+        assert os.sched_getscheduler(normal._thread.native_id) == os.SCHED_OTHER
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER
     finally:
         idle.shutdown()
         normal.shutdown()

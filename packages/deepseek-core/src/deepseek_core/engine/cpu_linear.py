@@ -154,7 +154,7 @@ class PackedLinears:
 
     @property
     def num_packed(self) -> int:
-        """Number of `Linear` weights with a packed copy (once packed)."""
+        """Number of `Linear` weights that get a packed copy (a background packer may not have made it yet)."""
         return len(self._packed)
 
     @property

@@ -24,19 +24,17 @@ def check_step_priority(priority: str, name: str = "step_priority") -> str:
     return priority
 
 
-def apply_step_priority(priority: str) -> bool:
-    """Give the CALLING thread `priority`; False (and a warning) where the platform has no idle class."""
+def apply_step_priority(priority: str) -> None:
+    """Give the CALLING thread `priority`; where the platform cannot, log a warning and leave it normal."""
     if priority == "normal":
-        return True
+        return
     sched_idle = getattr(os, "SCHED_IDLE", None)
     if sched_idle is None or not hasattr(os, "sched_setscheduler"):
         log.warning(
             "step priority %r: not available on this platform; the engine steps at normal priority", priority
         )
-        return False
+        return
     try:
         os.sched_setscheduler(0, sched_idle, os.sched_param(0))  # 0: the calling thread (Linux: a task id)
     except OSError as exc:
         log.warning("step priority %r: %s; the engine steps at normal priority", priority, exc)
-        return False
-    return True
